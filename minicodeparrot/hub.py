@@ -1,0 +1,356 @@
+"""The Hugging Face Hub over plain HTTP (`requests`): list a repo's files, stream or download one.
+
+Three endpoints are all we need:
+  GET {endpoint}/api/{datasets|models}/{repo}/tree/{revision}?recursive=true   the file listing, paged
+      with a `Link: <...>; rel="next"` header;
+  GET {endpoint}/datasets/{repo}/resolve/{revision}/{path}   (models: {endpoint}/{repo}/resolve/...)
+      the file; large (LFS) files answer with a 302 to a signed CDN URL on another host.
+
+The token goes only to the endpoint's own host. We follow redirects ourselves instead of letting
+`requests` do it, so that the Authorization header is dropped the moment a redirect leaves that host:
+the CDN URL is already signed, and a token sent there would leak to a third party.
+
+Long downloads over the internet get cut. `HubStream` retries connection errors, timeouts, 5xx and
+429 with bounded exponential backoff, and a body cut half-way is resumed with `Range: bytes=N-`
+from the byte already reached, so a 50 MB shard does not restart from zero.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import fnmatch
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urljoin, urlsplit
+
+import requests
+import urllib3
+
+from minicodeparrot.errors import UserError
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+CHUNK = 1 << 20
+
+
+class HubError(UserError):
+    """A Hub request failed in a way the user can act on (auth, name, network)."""
+
+
+@dataclass
+class RetryPolicy:
+    """How hard to try. Tests shrink the delays; Retry-After from the server wins (up to max_delay)."""
+
+    attempts: int = 8  # tries per request without progress; a resumed body that made progress resets it
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    timeout: tuple[float, float] = (10.0, 60.0)  # (connect, read) seconds
+    max_redirects: int = 10
+
+
+RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True)
+class HubFile:
+    path: str
+    size: int
+    oid: str | None = None
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _token_file() -> Path:
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "token"
+
+
+def get_token() -> tuple[str | None, str]:
+    """(token, where it came from): HF_TOKEN, then HUGGING_FACE_HUB_TOKEN, then $HF_HOME/token."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip(), var
+    path = _token_file()
+    if path.is_file():
+        token = path.read_text().strip()
+        if token:
+            return token, str(path)
+    return None, "none"
+
+
+def _repo_prefix(repo_type: str) -> str:
+    if repo_type not in ("dataset", "model"):
+        raise HubError(f"repo_type must be 'dataset' or 'model', not {repo_type!r}")
+    return "datasets/" if repo_type == "dataset" else ""
+
+
+def tree_url(repo_id: str, revision: str = "main", repo_type: str = "dataset") -> str:
+    kind = "datasets" if repo_type == "dataset" else "models"
+    return f"{endpoint()}/api/{kind}/{repo_id}/tree/{quote(revision, safe='')}?recursive=true"
+
+
+def resolve_url(repo_id: str, path: str, revision: str = "main", repo_type: str = "dataset") -> str:
+    return (f"{endpoint()}/{_repo_prefix(repo_type)}{repo_id}/resolve/{quote(revision, safe='')}/"
+            f"{quote(path, safe='/')}")
+
+
+def _same_host(url: str) -> bool:
+    a, b = urlsplit(url), urlsplit(endpoint())
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
+def _headers(url: str, extra: dict | None = None) -> dict:
+    headers = {"Accept-Encoding": "identity", "User-Agent": "minicodeparrot"}
+    token, _ = get_token()
+    if token and _same_host(url):
+        headers["Authorization"] = f"Bearer {token}"
+    return dict(headers, **(extra or {}))
+
+
+def _retry_delay(attempt: int, response: requests.Response | None) -> float:
+    delay = RETRY.base_delay * 2 ** attempt
+    after = response.headers.get("Retry-After") if response is not None else None
+    if after:
+        try:
+            delay = float(after)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(after)
+            delay = when.timestamp() - time.time() if when else delay
+    return min(max(delay, 0.0), RETRY.max_delay)
+
+
+def _raise_for(response: requests.Response, what: str) -> None:
+    """One-line errors for the answers no retry can fix."""
+    status = response.status_code
+    if status in (401, 403):
+        token, where = get_token()
+        if token is None:
+            hint = "no token found: set HF_TOKEN (or HUGGING_FACE_HUB_TOKEN, or write it to $HF_HOME/token)"
+        else:
+            hint = (f"the token from {where} was rejected or lacks access "
+                    "(gated repos: accept the terms on the Hub)")
+        raise HubError(f"HTTP {status} for {what}: private, gated or missing repo; {hint}")
+    if status == 404:
+        raise HubError(f"not found on the Hub: {what}; check the repo name, revision and path")
+    if status >= 400:
+        raise HubError(f"HTTP {status} for {what} ({response.reason})")
+
+
+def _get(session: requests.Session, url: str, what: str, headers: dict | None = None,
+         method: str = "GET", follow: bool = True) -> requests.Response:
+    """A request with retries and host-checked redirects; returns the final (2xx or 3xx) response."""
+    last = "no answer"
+    for attempt in range(RETRY.attempts):
+        target = url
+        try:
+            for _ in range(RETRY.max_redirects + 1):
+                response = session.request(method, target, headers=_headers(target, headers), stream=True,
+                                           allow_redirects=False, timeout=RETRY.timeout)
+                if not (follow and response.is_redirect):
+                    break
+                response.close()
+                target = urljoin(target, response.headers["Location"])
+            else:
+                raise HubError(f"too many redirects for {what} ({url})")
+        except (requests.ConnectionError, requests.Timeout) as e:
+            last = type(e).__name__
+            time.sleep(_retry_delay(attempt, None))
+            continue
+        if response.status_code in RETRY_STATUS:
+            last = f"HTTP {response.status_code}"
+            response.close()
+            time.sleep(_retry_delay(attempt, response))
+            continue
+        if response.status_code >= 400:
+            response.close()
+            _raise_for(response, what)
+        return response
+    raise HubError(f"gave up on {url} after {RETRY.attempts} attempts (last: {last}); check the network "
+                   "or try again later")
+
+
+def list_files(repo_id: str, revision: str = "main", repo_type: str = "dataset",
+               pattern: str | None = None) -> list[HubFile]:
+    """All files of a repo (recursively), optionally only those whose path matches a glob pattern."""
+    url: str | None = tree_url(repo_id, revision, repo_type)
+    files = []
+    with requests.Session() as session:
+        while url:
+            response = _get(session, url, f"{repo_type} {repo_id}@{revision}")
+            try:
+                entries = response.json()
+            except ValueError as e:
+                raise HubError(f"the Hub answered {url} with something that is not JSON; is HF_ENDPOINT "
+                               f"({endpoint()}) right?") from e
+            for entry in entries:
+                wanted = pattern is None or fnmatch.fnmatch(entry["path"], pattern)
+                if entry.get("type") == "file" and wanted:
+                    lfs = entry.get("lfs") or {}
+                    files.append(HubFile(entry["path"], int(entry.get("size", lfs.get("size", 0))),
+                                         entry.get("oid")))
+            url = response.links.get("next", {}).get("url")
+    return sorted(files, key=lambda f: f.path)
+
+
+class HubStream(io.RawIOBase):
+    """The bytes of one Hub file, resuming with Range requests when the connection is cut.
+
+    Reads are sequential only. At the end the number of bytes received must equal the expected
+    size (the listing's, else the first response's Content-Length), or HubError is raised: a short
+    file must never be parsed as if it were complete.
+    """
+
+    def __init__(self, url: str, what: str, expected_size: int | None = None):
+        super().__init__()
+        self.url, self.what, self.expected_size = url, what, expected_size
+        self.pos = 0
+        self._session = requests.Session()
+        self._response: requests.Response | None = None
+        try:
+            self._open()
+        except BaseException:
+            self._session.close()
+            raise
+
+    def _open(self) -> None:
+        headers = {"Range": f"bytes={self.pos}-"} if self.pos else None
+        response = _get(self._session, self.url, self.what, headers)
+        try:
+            if response.status_code == 206:
+                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                self._check_size(int(total) if total.isdigit() else None)
+            elif "Content-Length" in response.headers:
+                self._check_size(int(response.headers["Content-Length"]))
+        except HubError:
+            response.close()
+            raise
+        if self.pos and response.status_code == 200:
+            # The server ignored Range and sends the whole file again: skip what we already have.
+            skip = self.pos
+            while skip:
+                chunk = response.raw.read(min(skip, CHUNK), decode_content=False)
+                if not chunk:
+                    response.close()
+                    raise requests.ConnectionError("connection cut while skipping")
+                skip -= len(chunk)
+        elif self.pos and response.status_code != 206:
+            response.close()
+            raise HubError(f"unexpected HTTP {response.status_code} resuming {self.what}")
+        self._response = response
+
+    def _check_size(self, size: int | None) -> None:
+        if self.expected_size is None:
+            self.expected_size = size
+        elif size is not None and size != self.expected_size:
+            raise HubError(f"{self.what}: the server has {size} bytes but the listing said "
+                           f"{self.expected_size}; the file changed, list the repo again")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        failures = 0
+        while True:
+            try:
+                if self._response is None:
+                    self._open()
+                data = self._response.raw.read(len(buffer), decode_content=False)
+            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, OSError) as e:
+                error = e
+            else:
+                if data:
+                    buffer[: len(data)] = data
+                    self.pos += len(data)
+                    if self.expected_size is not None and self.pos > self.expected_size:
+                        raise HubError(f"{self.what}: received more than {self.expected_size} bytes")
+                    return len(data)
+                # A clean end of the body: the server says this is all of the file.
+                if self.expected_size is not None and self.pos != self.expected_size:
+                    raise HubError(f"{self.what}: received {self.pos} bytes, expected {self.expected_size}")
+                return 0
+            # Cut mid-body: reconnect and continue from self.pos.
+            failures += 1
+            self._drop_response()
+            if failures >= RETRY.attempts:
+                raise HubError(f"gave up on {self.url} after {failures} broken connections at byte "
+                               f"{self.pos} (last: {type(error).__name__}); check the network")
+            time.sleep(_retry_delay(failures - 1, None))
+
+    def _drop_response(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+    def close(self) -> None:
+        self._drop_response()
+        self._session.close()
+        super().close()
+
+
+def open_stream(repo_id: str, path: str, revision: str = "main", expected_size: int | None = None,
+                repo_type: str = "dataset") -> io.BufferedReader:
+    """A buffered binary stream of one file of a Hub repo (see `HubStream`)."""
+    url = resolve_url(repo_id, path, revision, repo_type)
+    raw = HubStream(url, f"{repo_type} {repo_id}@{revision}: {path}", expected_size)
+    return io.BufferedReader(raw, buffer_size=CHUNK)
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def _remote_meta(repo_id: str, path: str, revision: str, repo_type: str) -> tuple[str | None, int | None]:
+    """(etag, size) from a HEAD without following the LFS redirect: the Hub puts the real file's
+    etag and size in X-Linked-Etag/X-Linked-Size on the 302 itself."""
+    url = resolve_url(repo_id, path, revision, repo_type)
+    with requests.Session() as session:
+        what = f"{repo_type} {repo_id}@{revision}: {path}"
+        response = _get(session, url, what, method="HEAD", follow=False)
+    etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag")
+    size = response.headers.get("X-Linked-Size")
+    if size is None and not response.is_redirect:
+        size = response.headers.get("Content-Length")
+    return etag, int(size) if size is not None else None
+
+
+def download(repo_id: str, path: str, cache_dir: str | os.PathLike | None = None, revision: str = "main",
+             repo_type: str = "dataset") -> Path:
+    """A local copy of one file, reused while its size and etag match the Hub's.
+
+    Layout: {cache_dir}/{datasets|models}--owner--name/{revision}/{path}, with the etag in a sidecar
+    under .../.meta/. The file is written to a temporary name and renamed, so an interrupted download
+    never leaves a half file that a later run would trust.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    repo_dir = root / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    target = repo_dir / revision.replace("/", "--") / path
+    meta_file = repo_dir / ".meta" / revision.replace("/", "--") / (path + ".json")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if target.is_file():
+            return target
+        raise HubError(f"HF_HUB_OFFLINE=1 but {repo_id}: {path} is not in the cache {root}")
+    etag, size = _remote_meta(repo_id, path, revision, repo_type)
+    if target.is_file() and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("etag") == etag and target.stat().st_size == (size if size is not None else meta["size"]):
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open_stream(repo_id, path, revision, size, repo_type) as stream, open(tmp, "wb") as out:
+            while chunk := stream.read(CHUNK):
+                out.write(chunk)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta_file.parent.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps({"etag": etag, "size": target.stat().st_size}))
+    return target

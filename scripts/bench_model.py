@@ -1,0 +1,186 @@
+"""Benchmark our GPT-2 against transformers.GPT2LMHeadModel in the same process.
+
+Measures (1) forward+backward training tokens/s, (2) activation memory with and without activation
+checkpointing, (3) greedy generation tokens/s (KV cache) against the reference's `generate`.
+
+    python scripts/bench_model.py                        # CPU: a small config, a few steps
+    python scripts/bench_model.py --device cuda --out bench_model_gpu.json
+                                                         # GPU: gpt2 preset, vocab 32768, seq 1024, bf16,
+                                                         # eager and torch.compile
+
+Memory: on CUDA the peak allocated bytes of one training step; on every device also the bytes of the
+tensors autograd saves for backward (counted with saved_tensors_hooks), which is what checkpointing cuts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import tempfile
+import time
+
+import torch
+import transformers
+
+from minicodeparrot.generate import generate
+from minicodeparrot.model import GPT, GPTConfig
+
+
+def config_for(args) -> GPTConfig:
+    if args.device == "cuda":
+        return GPTConfig.from_preset("gpt2", vocab_size=32768, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    return GPTConfig(vocab_size=32768, n_positions=256, n_embd=256, n_layer=4, n_head=4,
+                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(args):
+    if args.dtype == "bf16":
+        return torch.autocast(args.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, x, args, ours: bool):
+    with autocast(args):
+        loss = model(x, labels=x)[1] if ours else model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss
+
+
+def time_training(model, x, args, ours: bool) -> float:
+    for _ in range(args.warmup):
+        train_step(model, x, args, ours)
+    model.zero_grad(set_to_none=True)
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(model, x, args, ours)
+    sync(args.device)
+    model.zero_grad(set_to_none=True)
+    return x.numel() * args.steps / (time.perf_counter() - start)
+
+
+def memory_of_step(model, x, args, ours: bool) -> dict:
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(model, x, args, ours)
+    model.zero_grad(set_to_none=True)
+    out = {"saved_for_backward_MiB": saved[0] / 2**20}
+    if args.device == "cuda":
+        out["peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def time_generation(fn, new_tokens: int, reps: int, device) -> float:
+    fn()  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return new_tokens * reps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seq-length", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    ap.add_argument("--gen-tokens", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile rows")
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    gpu = args.device == "cuda"
+    args.batch_size = args.batch_size or (8 if gpu else 4)
+    args.seq_length = args.seq_length or (1024 if gpu else 256)
+    args.steps = args.steps or (20 if gpu else 3)
+    args.warmup = args.warmup or (3 if gpu else 1)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.gen_tokens = args.gen_tokens or (128 if gpu else 32)
+    torch.manual_seed(0)
+    if gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    config = config_for(args)
+    ours = GPT(config).to(args.device).train()
+    with tempfile.TemporaryDirectory() as d:  # identical weights in both models
+        ours.save_pretrained(d)
+        ref = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").to(args.device).train()
+    x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length), device=args.device)
+    results = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "config": vars(config), "batch_size": args.batch_size, "seq_length": args.seq_length,
+               "dtype": args.dtype, "rows": []}
+    rows = results["rows"]
+
+    def add(name, value, ref_value=None, unit="tok/s"):
+        rows.append({"name": name, "ours": value, "reference": ref_value, "unit": unit,
+                     "ratio": value / ref_value if ref_value else None})
+
+    # 1. training throughput, eager (and compiled on GPU)
+    add("train fwd+bwd", time_training(ours, x, args, True), time_training(ref, x, args, False))
+    if gpu and not args.no_compile:
+        c_ours, c_ref = torch.compile(ours), torch.compile(ref)
+        add("train fwd+bwd compiled", time_training(c_ours, x, args, True), time_training(c_ref, x, args, False))
+
+    # 2. activation memory with / without checkpointing (ours; the reference's own checkpointing for scale)
+    plain = memory_of_step(ours, x, args, True)
+    ours.gradient_checkpointing = True
+    ckpt = memory_of_step(ours, x, args, True)
+    ckpt_speed = time_training(ours, x, args, True)
+    ours.gradient_checkpointing = False
+    ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_ckpt = memory_of_step(ref, x, args, False)
+    ref_ckpt_speed = time_training(ref, x, args, False)
+    ref.gradient_checkpointing_disable()
+    ref_plain = memory_of_step(ref, x, args, False)
+    for key in plain:
+        add(f"{key} (no ckpt)", plain[key], ref_plain[key], "MiB")
+        add(f"{key} (ckpt)", ckpt[key], ref_ckpt[key], "MiB")
+    add("train fwd+bwd (ckpt)", ckpt_speed, ref_ckpt_speed)
+
+    # 3. greedy generation with KV cache, batch 1, from a 16-token prompt
+    ours.eval()
+    ref.eval()
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    prompt = x[:1, :16]
+    n = args.gen_tokens
+    with autocast(args):
+        t_ours = time_generation(lambda: generate(ours, prompt, n), n, 2, args.device)
+        t_ref = time_generation(lambda: ref.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                     max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                                n, 2, args.device)
+    add("generate greedy, batch 1", t_ours, t_ref)
+
+    print(f"device: {results['device']}, torch {torch.__version__}, batch {args.batch_size} x seq "
+          f"{args.seq_length}, {args.dtype}, layers/width/heads {config.n_layer}/{config.n_embd}/{config.n_head}, "
+          f"vocab {config.vocab_size}")
+    print(f"{'measure':<42}{'ours':>12}{'reference':>12}{'ratio':>8}  unit")
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        print(f"{r['name']:<42}{r['ours']:>12.1f}{r['reference'] or 0:>12.1f}{ratio:>8}  {r['unit']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

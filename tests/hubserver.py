@@ -1,0 +1,261 @@
+"""A loopback stand-in for the Hugging Face Hub, with fault injection, for offline tests of hub.py/shards.py.
+
+It serves local directories as Hub repos on 127.0.0.1:
+  GET /api/{datasets|models}/{owner}/{name}/tree/{rev}?recursive=true  listing, `page_size` entries per page,
+      the next page named in a `Link: <...>; rel="next"` header (as the Hub does);
+  GET|HEAD /datasets/{owner}/{name}/resolve/{rev}/{path}   (models: /{owner}/{name}/resolve/...)
+      "LFS" files (.gz, .safetensors) answer 302 to /cdn/... with X-Linked-Etag/X-Linked-Size, like the
+      Hub's redirect to its CDN; with cross_host=True the redirect goes to http://localhost:{port}, which
+      is the same server under a different host name, so a client must not send its token there;
+  GET /cdn/...   the bytes, with Range (206), ETag and Content-Length; no auth (the URL is "signed").
+With `token` set, /api and /resolve need `Authorization: Bearer <token>` (else 401).
+
+Faults: `body_faults` / `api_faults` are queues consumed one per request of that kind (a body request is
+one that would send file bytes): ("status", 503), ("status", 429, retry_after), ("cut", n_bytes) sends
+n bytes of the body and closes the connection, ("slow", seconds) waits before answering, ("ignore_range",)
+answers 200 with the whole file to a Range request. `random_faults(rate, seed)` draws such faults at random
+for body requests. Every request is logged in `log` as (method, path, headers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import socket
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+LFS_SUFFIXES = (".gz", ".safetensors")
+
+
+class HubServer:
+    def __init__(self, datasets: dict[str, Path] | None = None, models: dict[str, Path] | None = None,
+                 token: str | None = None, page_size: int = 3, cross_host: bool = False):
+        self.repos = {("datasets", k): Path(v) for k, v in (datasets or {}).items()}
+        self.repos.update({("models", k): Path(v) for k, v in (models or {}).items()})
+        self.token = token
+        self.page_size = page_size
+        self.cross_host = cross_host
+        self.listed_size: dict[str, int] = {}  # path -> size to claim in the listing (size-mismatch tests)
+        self.body_faults: deque = deque()
+        self.api_faults: deque = deque()
+        self.log: list[tuple[str, str, dict]] = []
+        self._random: tuple[float, random.Random] | None = None
+        self._lock = threading.Lock()
+        self.httpd = _QuietServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.hub = self
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def random_faults(self, rate: float, seed: int = 0) -> None:
+        self._random = (rate, random.Random(seed))
+
+    def next_fault(self, kind: str, size: int):
+        with self._lock:
+            queue = self.body_faults if kind == "body" else self.api_faults
+            if queue:
+                return queue.popleft()
+            if kind == "body" and self._random is not None:
+                rate, rng = self._random
+                if rng.random() < rate:
+                    return rng.choice([("status", 503), ("status", 502), ("status", 429, "0"),
+                                       ("cut", rng.randrange(max(size, 1))), ("ignore_range",),
+                                       ("cut", rng.randrange(max(size, 1)))])
+        return None
+
+    def requests_to(self, prefix: str) -> list[tuple[str, str, dict]]:
+        return [r for r in self.log if r[1].startswith(prefix)]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> HubServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def etag_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients that hang up (timeouts, size errors) are part of the tests, not server errors
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+    @property
+    def hub(self) -> HubServer:
+        return self.server.hub
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def _route(self, head: bool) -> None:
+        url = urlsplit(self.path)
+        self.hub.log.append((self.command, url.path, dict(self.headers)))
+        parts = [unquote(p) for p in url.path.split("/")[1:]]
+        try:
+            if parts[:1] == ["api"] and len(parts) >= 6 and parts[4] == "tree":
+                if self._fault("api", 0) or not self._authorized():
+                    return
+                self._tree((parts[1], f"{parts[2]}/{parts[3]}"), parse_qs(url.query))
+            elif parts[:1] == ["cdn"]:
+                self._body(self._file((parts[1], f"{parts[2]}/{parts[3]}"), "/".join(parts[4:])), head)
+            elif len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
+                self._resolve(("datasets", f"{parts[1]}/{parts[2]}"), "/".join(parts[5:]), head)
+            elif len(parts) >= 5 and parts[2] == "resolve":
+                self._resolve(("models", f"{parts[0]}/{parts[1]}"), "/".join(parts[4:]), head)
+            else:
+                self._send(404, b"no such endpoint")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _authorized(self) -> bool:
+        if self.hub.token is None or self.headers.get("Authorization") == f"Bearer {self.hub.token}":
+            return True
+        self._send(401, b'{"error":"Invalid credentials in Authorization header"}')
+        return False
+
+    def _file(self, repo: tuple[str, str], path: str) -> Path | None:
+        root = self.hub.repos.get(repo)
+        if root is None:
+            return None
+        file = (root / path).resolve()
+        return file if file.is_file() and root.resolve() in file.parents else None
+
+    def _tree(self, repo: tuple[str, str], query: dict) -> None:
+        root = self.hub.repos.get(repo)
+        if root is None:
+            self._send(404, b'{"error":"Repository not found"}')
+            return
+        entries = []
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if p.is_dir():
+                entries.append({"type": "directory", "path": rel, "oid": "0" * 40, "size": 0})
+            else:
+                size = self.hub.listed_size.get(rel, p.stat().st_size)
+                entry = {"type": "file", "path": rel, "size": size, "oid": etag_of(p)[:40]}
+                if p.name.endswith(LFS_SUFFIXES):
+                    entry["lfs"] = {"oid": etag_of(p), "size": size, "pointerSize": 134}
+                entries.append(entry)
+        start = int(query.get("cursor", ["0"])[0])
+        page = entries[start:start + self.hub.page_size]
+        headers = {"Content-Type": "application/json"}
+        if start + self.hub.page_size < len(entries):
+            base = urlsplit(self.path).path
+            cursor = start + self.hub.page_size
+            headers["Link"] = f'<{self.hub.url}{quote(base)}?recursive=true&cursor={cursor}>; rel="next"'
+        self._send(200, json.dumps(page).encode(), headers)
+
+    def _resolve(self, repo: tuple[str, str], path: str, head: bool) -> None:
+        if not self._authorized():
+            return
+        file = self._file(repo, path)
+        if file is None:
+            what = b"Repository not found" if repo not in self.hub.repos else b"Entry not found"
+            self._send(404, b'{"error":"' + what + b'"}')
+            return
+        if not file.name.endswith(LFS_SUFFIXES):
+            self._body(file, head)
+            return
+        host = f"http://localhost:{self.hub.port}" if self.hub.cross_host else self.hub.url
+        location = f"{host}/cdn/{repo[0]}/{repo[1]}/{quote(path)}?X-Signature=abc123"
+        self._send(302, b"", {"Location": location, "X-Linked-Etag": f'"{etag_of(file)}"',
+                              "X-Linked-Size": str(file.stat().st_size)}, head=True)
+
+    def _fault(self, kind: str, size: int):
+        fault = self.hub.next_fault(kind, size)
+        if fault is None:
+            return None
+        if fault[0] == "status":
+            headers = {"Retry-After": fault[2]} if len(fault) > 2 else {}
+            self._send(fault[1], b"injected fault", headers)
+            return fault
+        if fault[0] == "slow":
+            time.sleep(fault[1])
+            return None  # then answer normally (the client may have given up by then)
+        return fault  # "cut" and "ignore_range" act while sending the body
+
+    def _body(self, file: Path | None, head: bool) -> None:
+        if file is None:
+            self._send(404, b'{"error":"Entry not found"}')
+            return
+        data = file.read_bytes()
+        fault = None if head else self._fault("body", len(data))
+        if fault is not None and fault[0] == "status":
+            return
+        headers = {"ETag": f'"{etag_of(file)}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        status, start = 200, 0
+        range_header = self.headers.get("Range")
+        if range_header and not (fault and fault[0] == "ignore_range"):
+            start = int(range_header.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                return
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        if fault is not None and fault[0] == "cut":
+            self._send(status, body, headers, cut_after=fault[1])
+        else:
+            self._send(status, body, headers, head=head)
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None, head: bool = False,
+              cut_after: int | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if head:
+            return
+        if cut_after is None:
+            self.wfile.write(body)
+            return
+        self.wfile.write(body[:cut_after])
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
+def write_shards(directory: Path, texts: list[str], n_files: int, suffix: str = ".json.gz") -> list[Path]:
+    """Codeparrot-format shards file-000000000000{suffix}...: the texts dealt in contiguous blocks."""
+    import gzip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    per_file = -(-len(texts) // n_files)
+    for k in range(n_files):
+        path = directory / f"file-{k:012d}{suffix}"
+        lines = []
+        for i, text in enumerate(texts[k * per_file:(k + 1) * per_file], k * per_file):
+            record = {"repo_name": f"owner{i % 7}/repo{i}", "path": f"pkg/mod_{i}.py",
+                      "copies": str(1 + i % 3), "size": str(len(text.encode())), "content": text,
+                      "license": "mit"}
+            lines.append(json.dumps(record) + "\n")
+        data = "".join(lines).encode()
+        path.write_bytes(gzip.compress(data, mtime=0) if suffix.endswith(".gz") else data)
+        paths.append(path)
+    return paths

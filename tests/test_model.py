@@ -1,0 +1,241 @@
+"""GPT-2 model: parameter counts, parity with transformers.GPT2LMHeadModel, checkpoints, checkpointing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from minicodeparrot.errors import UserError
+from minicodeparrot.model import GPT, GPTConfig
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=4)
+
+
+def _hf_model(**kw):
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SMALL, **kw})).eval()
+
+
+def _batch(n=2, t=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SMALL["vocab_size"], (n, t), generator=g)
+
+
+@pytest.mark.parametrize(
+    "preset,vocab,expected",
+    [("gpt2", 32768, 111_008_256), ("gpt2", 50257, 124_439_808), ("gpt2-xl", 32768, 1_529_628_800)],
+)
+def test_parameter_counts_on_meta(preset, vocab, expected):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset(preset, vocab_size=vocab))
+        padded = GPT(GPTConfig.from_preset(preset, vocab_size=vocab + 3, pad_vocab_size_multiple=64))
+    assert model.num_parameters() == expected
+    assert round(model.num_parameters() / 1e6, 1) in (111.0, 124.4, 1529.6)  # the book's rounded figures
+    # Padding rows are storage, not parameters of the model.
+    assert padded.num_parameters() == expected + 3 * model.config.n_embd
+    assert padded.transformer.wte.weight.shape[0] % 64 == 0
+
+
+def test_presets_and_unknown_preset():
+    assert GPTConfig.from_preset("gpt2-medium").n_layer == 24
+    large = GPTConfig.from_preset("gpt2-large", vocab_size=32768)
+    assert (large.n_embd, large.n_head, large.vocab_size) == (1280, 20, 32768)
+    with pytest.raises(UserError, match="unknown model preset"):
+        GPTConfig.from_preset("gpt3")
+
+
+def test_flops_formula():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_preset("gpt2", vocab_size=50257))
+    n = 124_439_808 - 1024 * 768  # position embeddings are a lookup, not a matmul
+    assert model.estimate_flops_per_token() == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert model.estimate_flops_per_token(256) == 6 * n + 12 * 12 * 12 * 64 * 256
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=1000))
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / 4) < 3e-4  # 1/sqrt(2*8)
+    assert model.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+MISTRAL = {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True}
+
+
+@pytest.mark.parametrize("tweaks", [{}, MISTRAL])
+def test_parity_with_reference_both_ways(tmp_path, tweaks):
+    ref = _hf_model(**tweaks)
+    ref.save_pretrained(tmp_path / "ref")
+    ours = GPT.from_pretrained(tmp_path / "ref").eval()
+    assert ours.config.scale_attn_by_inverse_layer_idx == bool(tweaks)
+    x = _batch()
+    labels = x.clone()
+    labels[0, :5] = -100  # ignored positions
+    with torch.no_grad():
+        logits, loss = ours(x, labels=labels)
+        out = ref(x, labels=labels)
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, out.loss, atol=1e-6, rtol=0)
+
+    # ...and back: our save_pretrained loads into the reference with identical logits.
+    torch.manual_seed(3)
+    mine = GPT(GPTConfig(**SMALL, **tweaks)).eval()
+    mine.save_pretrained(tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (cfg["model_type"], cfg["architectures"], cfg["activation_function"]) == (
+        "gpt2", ["GPT2LMHeadModel"], "gelu_new")
+    ref2 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    assert ref2.config.reorder_and_upcast_attn == bool(tweaks)
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x)[0], ref2(x).logits, atol=1e-5, rtol=0)
+
+
+def test_layer_idx_scaling_changes_the_output():
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(**SMALL)).eval()
+    b = GPT(GPTConfig(**SMALL, scale_attn_by_inverse_layer_idx=True)).eval()
+    b.load_state_dict(a.state_dict())
+    x = _batch()
+    with torch.no_grad():
+        assert not torch.allclose(a(x)[0], b(x)[0], atol=1e-4)
+
+
+def test_upcast_attention_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, reorder_and_upcast_attn=True)).eval()
+    x = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, labels=x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    with torch.no_grad():
+        ref_loss = model(x, labels=x)[1]
+    assert abs(loss.item() - ref_loss.item()) < 0.05
+
+
+def test_pytorch_model_bin_and_unprefixed_keys(tmp_path):
+    ref = _hf_model()
+    ref.save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors").unlink()
+    # Like OpenAI's original `gpt2` repo: GPT2Model keys without "transformer." plus the old mask buffers.
+    state = {k.removeprefix("transformer."): v for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    state["h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    torch.save(state, tmp_path / "a" / "pytorch_model.bin")
+    ours = GPT.from_pretrained(tmp_path / "a").eval()
+    x = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], ref(x).logits, atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(UserError, match="needs config.json"):
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="not a model directory"):
+        GPT.from_pretrained(tmp_path / "missing" / "deeper")
+    ref = _hf_model()
+    ref.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "n_layer": 2}))
+    with pytest.raises(UserError, match="unexpected"):
+        GPT.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    with pytest.raises(UserError, match="does not fit"):
+        GPT.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(UserError, match="gelu_new"):
+        GPT.from_pretrained(tmp_path / "m")
+
+
+def test_from_pretrained_hub_repo_id(tmp_path, monkeypatch):
+    ref = _hf_model()
+    ref.save_pretrained(tmp_path / "cache")
+    calls = []
+
+    def download(repo_id, path, cache_dir=None, revision="main", repo_type="dataset"):
+        calls.append((repo_id, path, repo_type))
+        return tmp_path / "cache" / path
+
+    fake = types.ModuleType("minicodeparrot.hub")
+    fake.download = download
+    monkeypatch.setitem(sys.modules, "minicodeparrot.hub", fake)
+    monkeypatch.setattr("minicodeparrot.hub", fake, raising=False)
+    ours = GPT.from_pretrained("someone/tiny-gpt2").eval()
+    repo = "someone/tiny-gpt2"
+    assert calls == [(repo, "config.json", "model"), (repo, "model.safetensors", "model")]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_batch())[0], ref(_batch()).logits, atol=1e-5, rtol=0)
+
+
+def test_padded_vocab_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**SMALL)).eval()
+    plain.save_pretrained(tmp_path)
+    padded = GPT.from_pretrained(tmp_path, pad_vocab_size_multiple=64).train()
+    padded.eval()
+    assert padded.transformer.wte.weight.shape[0] == 128
+    x = _batch()
+    l1, loss1 = plain(x, labels=x)
+    l2, loss2 = padded(x, labels=x)
+    assert l2.shape[-1] == SMALL["vocab_size"]
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss1, loss2, atol=1e-6, rtol=0)
+    loss2.backward()
+    assert padded.transformer.wte.weight.grad[SMALL["vocab_size"]:].abs().sum() == 0
+    # Saved checkpoints drop the padding again.
+    padded.save_pretrained(tmp_path / "again")
+    assert GPT.from_pretrained(tmp_path / "again").transformer.wte.weight.shape[0] == SMALL["vocab_size"]
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL)).train()  # dropout on: checkpointing must replay the same masks
+    x = _batch()
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    results = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        saved.clear()
+        torch.manual_seed(123)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(x, labels=x)
+        loss.backward()
+        results.append(len(saved))
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    plain_saved, (loss_a, grads_a), ckpt_saved, (loss_b, grads_b) = results
+    assert ckpt_saved < plain_saved / 3  # checkpointing really keeps fewer activations for backward
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-7, rtol=0)
+
+
+def test_sequence_longer_than_n_positions_is_refused():
+    model = GPT(GPTConfig(**SMALL))
+    with pytest.raises(UserError, match="n_positions"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_torch_compile_forward_matches_eager():
+    # The aot_eager backend traces with dynamo + AOTAutograd like inductor does, without a C++ build
+    # (inductor's CPU compile takes minutes on a shared 2-core machine; GPU runs use the default backend).
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL)).eval()
+    x = _batch()
+    start = time.time()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, labels=x)[1], model(x, labels=x)[1])
+    assert time.time() - start < 60

@@ -1,0 +1,302 @@
+"""The tokenizer against the book's facts and, live, against the reference `tokenizers` library."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minicodeparrot import tokenizer as tk
+from minicodeparrot.errors import UserError
+from minicodeparrot.tokenizer import Tokenizer, bytes_to_unicode, pre_tokenize, split_pieces
+
+tokenizers = pytest.importorskip("tokenizers")
+
+SAY_HELLO = 'def say_hello():\n    print("Hello, World!") # Print it\n\nsay_hello()\n'
+BOOK_PRE_TOKENS = [
+    ("def", (0, 3)), ("Ġsay", (3, 7)), ("_", (7, 8)), ("hello", (8, 13)), ("():", (13, 16)),
+    ("ĊĠĠĠ", (16, 20)), ("Ġprint", (20, 26)), ('("', (26, 28)), ("Hello", (28, 33)), (",", (33, 34)),
+    ("ĠWorld", (34, 40)), ('!")', (40, 43)), ("Ġ#", (43, 45)), ("ĠPrint", (45, 51)), ("Ġit", (51, 54)),
+    ("Ċ", (54, 55)), ("Ċ", (55, 56)), ("say", (56, 59)), ("_", (59, 60)), ("hello", (60, 65)),
+    ("()", (65, 67)), ("Ċ", (67, 68)),
+]
+BOOK_TOKENS = [
+    "def", "Ġsay", "_", "hello", "():", "Ċ", "Ġ", "Ġ", "Ġ", "Ġprint", '("', "Hello", ",", "ĠWorld",
+    '!"', ")", "Ġ#", "ĠPrint", "Ġit", "Ċ", "Ċ", "say", "_", "hello", "()", "Ċ",
+]
+BOOK_IDS = [
+    4299, 910, 62, 31373, 33529, 198, 220, 220, 220, 3601, 7203, 15496, 11, 2159, 2474, 8, 1303,
+    12578, 340, 198, 198, 16706, 62, 31373, 3419, 198,
+]
+
+# Every Unicode whitespace kind (and the U+001C..U+001F separators that `str.isspace` calls space
+# but GPT-2's engines do not), line endings, scripts, contractions, other-script digits, code points
+# assigned in Unicode 17 (letters for `regex`, not for the reference), emoji with ZWJ and modifiers.
+WHITESPACE = "\t\n\x0b\x0c\r \x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006" \
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\u180e\u200b\ufeff"
+ADVERSARIAL = [
+    "",
+    " ",
+    "   ",
+    "\n",
+    WHITESPACE,
+    "".join(f"x{w}y {w}{w}z" for w in WHITESPACE),
+    "line one\r\nline two\r\n\r\n\tindented\r\n",
+    "\t\tdef f(x):\n\t\t\treturn x  \n\n\n   ",
+    "if x:\n    return 1\n  \n\t \t\n",
+    "trailing spaces   ",
+    "emoji 🐍🦜 👩‍💻 👍🏽 🇫🇷 ❤️",
+    "combining: e\u0301 a\u0308\u0323 Z\u0351\u0352\u0353 क्षि",
+    "CJK 中文字符 日本語のテキスト 한국어 텍스트",
+    "Кириллица: Привет, мир! ёЁ",
+    "she's they'll I'm we're you've he'd it't SHE'S THEY'LL I'M 'LL 's",
+    "digits: ٠١٢٣ ०१२३ ๐๑๒ ①②③ Ⅻ ½ ¹²³ 𝟘𝟙𝟚",
+    "unicode 17: \u088f \ua7ce\ua7cf x\ua7d2y 1\U00010940 \U000323b0\U000323b1 \U0001e6c0!",
+    "before<|endoftext|>after <|endoftext|><|endoftext|>\n<|endoftext|>",
+    "<|endoftext|>",
+    "<|endoftext",
+    "private use \ue000 noncharacter \ufdd0 \U0010ffff max",
+    "nulls \x00\x01\x7f\x80\x9f control",
+    "mixed 'ss'''''' ''' !!! ... ??? ### @@@ $$$ %%%",
+    "x = 10_000 + 3.14e-10 - 0xFF // 0b1010",
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir) -> Tokenizer:
+    return Tokenizer.from_pretrained(gpt2_dir)
+
+
+@pytest.fixture(scope="module")
+def ref(gpt2_dir):
+    return tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
+
+
+REF_PRE = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+# --- the book's facts ----------------------------------------------------------------------------
+def test_bytes_to_unicode_facts():
+    m = bytes_to_unicode()
+    assert len(m) == 256 and len(set(m.values())) == 256
+    printable = [b for b in range(256) if m[b] == chr(b)]
+    assert len(printable) == 188
+    assert [m[b] for b in range(256) if b not in printable] == [chr(256 + n) for n in range(68)]
+    alphabet = sorted(m.values())
+    assert alphabet[0] == "!" and alphabet[-1] == "Ń"
+    facts = {32: "Ġ", 10: "Ċ", 9: "ĉ", 13: "č", 0: "Ā", 127: "ġ", 128: "Ģ", 160: "ł", 173: "Ń", 255: "ÿ"}
+    assert {b: m[b] for b in facts} == facts
+    assert list("€".encode()) == [226, 130, 172]
+    assert "".join(m[b] for b in "€".encode()) == "âĤ¬"
+
+
+def test_book_say_hello(gpt2):
+    assert pre_tokenize(SAY_HELLO) == BOOK_PRE_TOKENS
+    assert gpt2.tokenize(SAY_HELLO) == BOOK_TOKENS
+    assert gpt2.encode(SAY_HELLO) == BOOK_IDS
+    assert gpt2.decode(BOOK_IDS) == SAY_HELLO
+    assert len(gpt2) == 50257 and len(gpt2.merges) == 50000
+    assert gpt2.eos_token == "<|endoftext|>" and gpt2.eos_token_id == 50256
+
+
+# --- pre-tokenizer parity --------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_pre_tokenize_matches_reference(text):
+    assert pre_tokenize(text) == REF_PRE.pre_tokenize_str(text)
+    assert "".join(split_pieces(text)) == text
+
+
+def _probe(chars) -> str:
+    # Each character after a letter, a digit, punctuation, a space and an apostrophe: the pieces
+    # differ from the reference's whenever its \p{L}, \p{N} or \s class differs.
+    return "".join(f"a{c}1{c}!{c} {c}'{c}" for c in chars)
+
+
+def test_code_point_classes_pinned_to_unicode_16():
+    """Every code point assigned in Unicode 17 (and its neighbours), all of 0..0x3000, and a sample."""
+    cps = set(range(0x3000))
+    for a, b in tk._NEW_IN_UNICODE_17:
+        cps.update(range(a - 3, b + 4))
+    cps.update(random.Random(0).sample(range(0x110000), 40_000))
+    chars = [chr(c) for c in sorted(cps) if not 0xD800 <= c <= 0xDFFF]
+    text = _probe(chars)
+    assert pre_tokenize(text) == REF_PRE.pre_tokenize_str(text)
+
+
+def test_ascii_fast_path_equals_unicode_pattern():
+    # The `re` ASCII pattern must agree with the pinned `regex` pattern on every ASCII text.
+    ascii_chars = [chr(c) for c in range(128)]
+    text = _probe(ascii_chars) + "".join(random.Random(1).choices(ascii_chars, k=20_000))
+    assert tk._ASCII_RE.findall(text) == tk._PINNED_RE.findall(text)
+
+
+# --- encode / decode parity ---------------------------------------------------------------------
+def test_encode_matches_reference_on_stdlib(gpt2, ref, small_stdlib_texts):
+    texts = small_stdlib_texts
+    expected = [e.ids for e in ref.encode_batch(texts)]
+    assert [gpt2.encode(t) for t in texts] == expected
+    assert gpt2.encode_batch(texts, num_workers=1) == expected
+    for t, ids in zip(texts[:50], expected[:50], strict=True):
+        assert gpt2.decode(ids) == t
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_encode_decode_adversarial(gpt2, ref, text):
+    ids = gpt2.encode(text)
+    assert ids == ref.encode(text).ids
+    assert gpt2.tokenize(text) == ref.encode(text).tokens
+    assert gpt2.decode(ids) == text == ref.decode(ids, skip_special_tokens=False)
+
+
+def test_parse_special(gpt2, gpt2_dir):
+    text = "a<|endoftext|>b <|endoftext|>\n<|endoftext|><|endoftext|>"
+    assert gpt2.encode("a<|endoftext|>b") == [64, 50256, 65]
+    # parse_special=False equals the reference without its added token: plain text pieces.
+    data = json.loads((gpt2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = []
+    ref_plain = tokenizers.Tokenizer.from_str(json.dumps(data))
+    plain = gpt2.encode(text, parse_special=False)
+    assert 50256 not in plain and plain == ref_plain.encode(text).ids
+    assert gpt2.tokenize("a<|endoftext|>b", parse_special=False)[:3] == ["a", "<", "|"]
+    assert gpt2.decode(plain) == text
+    assert gpt2.encode_batch([text], parse_special=False) == [plain]
+
+
+def test_decode_invalid_utf8_like_reference(gpt2, ref):
+    rng = random.Random(2)
+    for _ in range(200):
+        ids = [rng.randrange(len(gpt2)) for _ in range(rng.randrange(1, 12))]
+        assert gpt2.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_property_roundtrip_and_parity(gpt2_dir, text):
+    tok, ref = _cached(gpt2_dir)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert ids == ref.encode(text).ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([
+    " ", "  ", "\n", "\r\n", "\t", "'s", "'LL", "x", "é", "1", "٣", "!", "🐍",
+    "\u0301", "\ua7ce", "\x1c", "\u3000", "<|endoftext|>", "def", "_"])).map("".join))
+def test_property_tricky_alphabet(gpt2_dir, text):
+    tok, ref = _cached(gpt2_dir)
+    assert tok.encode(text) == ref.encode(text).ids
+    assert tok.decode(tok.encode(text, parse_special=False)) == text
+
+
+_CACHE: dict = {}
+
+
+def _cached(gpt2_dir):
+    # hypothesis forbids function-scoped fixtures; load once per session here.
+    if not _CACHE:
+        _CACHE["pair"] = (Tokenizer.from_pretrained(gpt2_dir),
+                          tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json")))
+    return _CACHE["pair"]
+
+
+# --- batches ---------------------------------------------------------------------------------------
+def test_encode_batch_processes_keep_order(gpt2, small_stdlib_texts, monkeypatch):
+    monkeypatch.setattr(tk, "_PARALLEL_MIN_CHARS", 0)
+    texts = small_stdlib_texts[:40] + ["", "<|endoftext|>"]
+    assert gpt2.encode_batch(texts, num_workers=2) == [gpt2.encode(t) for t in texts]
+
+
+# --- loading and saving ----------------------------------------------------------------------------
+def test_load_formats_agree(gpt2_dir, gpt2, tmp_path):
+    # vocab.json + merges.txt, and tokenizer.json with the old "a b" merge strings.
+    (tmp_path / "vm").mkdir()
+    for f in ("vocab.json", "merges.txt"):
+        (tmp_path / "vm" / f).write_bytes((gpt2_dir / f).read_bytes())
+    from_vm = Tokenizer.from_pretrained(tmp_path / "vm")
+    data = json.loads((gpt2_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    from_old = Tokenizer.from_pretrained(tmp_path / "old")
+    for tok in (from_vm, from_old, Tokenizer.from_pretrained(gpt2_dir / "tokenizer.json")):
+        assert tok.vocab == gpt2.vocab and tok.merges == gpt2.merges
+        assert tok.eos_token_id == 50256 and tok.encode(SAY_HELLO + "<|endoftext|>") == BOOK_IDS + [50256]
+
+
+def test_save_pretrained_loads_in_reference_libraries(gpt2, tmp_path, small_stdlib_texts):
+    transformers = pytest.importorskip("transformers")
+    out = gpt2.save_pretrained(tmp_path / "saved")
+    files = {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} == files
+    again = Tokenizer.from_pretrained(out)
+    assert again.vocab == gpt2.vocab and again.merges == gpt2.merges
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    rt = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    text = small_stdlib_texts[0] + "<|endoftext|>" + ADVERSARIAL[5] + ADVERSARIAL[10]
+    ids = gpt2.encode(text)
+    assert hf(text)["input_ids"] == ids == rt.encode(text).ids
+    assert hf.decode(ids) == text
+    # vocab.json + merges.txt alone give the same tokenizer too.
+    (out / "tokenizer.json").unlink()
+    assert Tokenizer.from_pretrained(out).encode(text) == ids
+
+
+def test_small_custom_tokenizer_roundtrip(tmp_path):
+    # A vocab without <|endoftext|>: it is appended, like the reference's add_special_tokens.
+    base = sorted(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(base)}
+    merges = [("Ġ", "Ġ"), ("ĠĠ", "ĠĠ"), ("d", "e"), ("de", "f")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(vocab, merges)
+    assert tok.eos_token_id == 260
+    assert tok.tokenize("def f():\n        pass") == [
+        "def", "Ġ", "f", "(", ")", ":", "Ċ", "ĠĠĠĠ", "ĠĠ", "Ġ", "Ġ", "p", "a", "s", "s"]
+    tok.save_pretrained(tmp_path)
+    rt = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in ["def f():\n        pass\n", "aaa   bbb<|endoftext|>", *ADVERSARIAL]:
+        assert tok.encode(text) == rt.encode(text).ids
+        assert Tokenizer.from_pretrained(tmp_path).encode(text) == tok.encode(text)
+
+
+# --- user mistakes ---------------------------------------------------------------------------------
+def test_bad_inputs_raise_user_error(gpt2_dir, gpt2, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(UserError, match="tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"vocab": ', encoding="utf-8")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"pre_tokenizer": {"type": "ByteLevel"}}', encoding="utf-8")
+    with pytest.raises(UserError, match="not a valid tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1}', encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(UserError, match="merges.txt:2"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "merges.txt").write_text("a b\n", encoding="utf-8")
+    with pytest.raises(UserError, match="missing from the vocab"):
+        Tokenizer.from_pretrained(tmp_path)
+    (tmp_path / "vocab.json").write_text('["a", "b"]', encoding="utf-8")
+    with pytest.raises(UserError, match="JSON object"):
+        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="same id"):
+        Tokenizer({"a": 0, "b": 0}, [])
+    with pytest.raises(UserError, match="not in this tokenizer"):
+        gpt2.decode([10**6])
+
+
+# --- training hook ---------------------------------------------------------------------------------
+def test_train_new_from_iterator_delegates(gpt2, small_stdlib_texts):
+    pytest.importorskip("minicodeparrot.bpe_trainer")
+    new = gpt2.train_new_from_iterator(iter(small_stdlib_texts[:20]), vocab_size=400, show_progress=False)
+    assert isinstance(new, Tokenizer) and len(new) == 400
+    assert new.vocab["<|endoftext|>"] == 0 and new.eos_token_id == 0
+    text = small_stdlib_texts[0]
+    assert new.decode(new.encode(text)) == text
+    assert len(new.encode(text)) < len(text)

@@ -1,0 +1,370 @@
+"""The training loop: optimizer groups, schedule, DDP and accumulation maths, checkpoints, resume, signals.
+
+Everything runs on CPU with a 2-layer, 32-wide GPT on a small standard-library corpus. Subprocess runs use
+OMP_NUM_THREADS=1: the CI machine has 2 cores, and oversubscribed OpenMP threads slow tiny matmuls 10x.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minicodeparrot import train as T
+from minicodeparrot.errors import UserError
+from minicodeparrot.model import GPT, GPTConfig
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    """A corpus of 48 stdlib modules (train + validation shards), a 300-token BPE, a tiny model config."""
+    from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
+    from minicodeparrot.corpus import make_corpus
+    from minicodeparrot.shards import iter_texts
+
+    root = tmp_path_factory.mktemp("train")
+    src = root / "src"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(p for p in stdlib.glob("*.py") if 2048 <= p.stat().st_size <= 40_000)[:48]:
+        shutil.copy(f, src / f.name)
+    make_corpus(root / "corpus", sources=[src], samples_per_file=8, validation_fraction=0.15, show_progress=False)
+    tok = train_bpe(list(iter_texts(root / "corpus" / "train")), 300, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                    show_progress=False)
+    tok.save_pretrained(root / "tok")
+    (root / "model.json").write_text(json.dumps({**TINY, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1}))
+    return {"root": root, "tok": root / "tok", "train": root / "corpus" / "train",
+            "valid": root / "corpus" / "valid", "model": root / "model.json"}
+
+
+def _args(work: dict, out: Path, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--model-config", str(work["model"]), "--tokenizer", str(work["tok"]),
+            "--dataset-name-train", str(work["train"]), "--dataset-name-valid", str(work["valid"]),
+            "--output-dir", str(out), "--seq-length", "32", "--train-batch-size", "4", "--valid-batch-size", "4",
+            "--max-eval-steps", "2", "--num-warmup-steps", "2", "--shuffle-buffer", "8", "--no-progress", *extra]
+
+
+def _metrics(out: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Train loss and eval loss by step; a step logged twice (re-run after a resume) keeps its last value."""
+    train, evals = {}, {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "loss" in d:
+            train[d["step"]] = d["loss"]
+        else:
+            evals[d["step"]] = d["eval_loss"]
+    return train, evals
+
+
+def _tiny_gpt(seed: int = 0, dropout: float = 0.0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=97, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout, **TINY))
+
+
+# --- optimizer groups and schedule --------------------------------------------------------------------------
+def test_decay_groups_are_exactly_biases_and_layernorm_gains():
+    model = _tiny_gpt()
+    decay, no_decay = T.decay_parameter_names(model)
+    blocks = [f"transformer.h.{i}." for i in range(2)]
+    assert set(decay) == {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        b + n for b in blocks for n in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                        "mlp.c_proj.weight")}
+    assert set(no_decay) == {"transformer.ln_f.weight", "transformer.ln_f.bias"} | {
+        b + n for b in blocks for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                                        "attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")}
+    # The book's list matches the biases but none of GPT-2's LayerNorm gains.
+    book = [n for n in decay + no_decay if any(k in n for k in ["bias", "LayerNorm.weight"])]
+    assert not any(n.endswith("ln_1.weight") for n in book)
+    opt = T.make_optimizer(model, 1e-3, 0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())  # tied lm_head counted once, nothing missing
+
+
+def test_decay_groups_match_transformers_gpt2_names():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    decay, no_decay = T.decay_parameter_names(hf)
+    ln = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert {f"{m}.weight" for m in ln} <= set(no_decay)
+    assert all(n.endswith("bias") or n.rsplit(".", 1)[0] in ln for n in no_decay)
+    assert all(p.dim() == 2 for n, p in hf.named_parameters() if n in decay)
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    f = T.lr_factor
+    assert f(0, 10, 100) == 0.0
+    assert f(5, 10, 100) == 0.5
+    assert f(10, 10, 100) == 1.0  # warmup end: the peak
+    assert f(55, 10, 100) == pytest.approx(0.5)  # half-way through the decay
+    assert f(100, 10, 100) == pytest.approx(0.0, abs=1e-12)  # the end
+    assert f(55, 10, 100, "linear") == pytest.approx(0.5)
+    assert f(90, 10, 100, "constant") == 1.0
+    # Through the real scheduler: lr used at optimizer step s (1-based) is factor(s - 1) * peak.
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = T.make_scheduler(opt, warmup=10, total=100, kind="cosine")
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[10] == pytest.approx(2e-4) and max(lrs) == pytest.approx(2e-4)
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_arguments_are_one_line_errors(work, tmp_path, capsys):
+    from minicodeparrot.cli import main
+
+    for flag, value, expect in [("--train-batch-size", "0", "--train-batch-size must be at least 1"),
+                                ("--num-warmup-steps", "500", "--num-warmup-steps must be in"),
+                                ("--max-eval-steps", "0", "--max-eval-steps must be")]:
+        with pytest.raises(SystemExit) as e:
+            main(["train", *_args(work, tmp_path / "o", "--max-train-steps", "10"), flag, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="neither a preset"):
+        T.build_model("no-such-config", 100, 32)
+
+
+# --- gradient maths -------------------------------------------------------------------------------------------
+def _batches(n: int, b: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (b, 16), generator=g) for _ in range(n)]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_k_times_b_equals_batch_k_b():
+    micro = _batches(3, 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    off = torch.autocast("cpu", enabled=False)
+    a, b = _tiny_gpt(), _tiny_gpt()
+    loss_a = T.accumulate_gradients(a, micro, off, scaler)
+    loss_b = T.accumulate_gradients(b, [torch.cat(micro)], off, scaler)
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
+    ga, gb = _grads(a), _grads(b)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    micro = _batches(4, 2)  # global batch: 4 micro-batches of 2; rank r takes micro-batches r and r+2
+    model = DDP(_tiny_gpt(seed=rank))  # different init per rank: DDP must broadcast rank 0's weights
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        fut = dist.all_reduce(bucket.buffer() / world, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    model.register_comm_hook(None, counting_hook)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    off = torch.autocast("cpu", enabled=False)
+    T.accumulate_gradients(model, micro[rank::world], off, scaler)
+    n_accum = len(calls)
+    model.zero_grad()
+    calls.clear()
+    T.accumulate_gradients(model, [micro[rank]], off, scaler)
+    # Evaluation over uneven shares: rank 0 holds 3 sequences, rank 1 one.
+    data = torch.cat(_batches(1, 4, seed=7))
+    mine = [data[:3]] if rank == 0 else [data[3:]]
+    eval_loss, _ = T.evaluate(model.module, iter(mine), off)
+    if rank == 0:
+        torch.save({"calls_accum": n_accum, "calls_single": len(calls), "eval": eval_loss}, out)
+    model.zero_grad()
+    T.accumulate_gradients(model, micro[rank::world], off, scaler)
+    if rank == 0:
+        torch.save({**torch.load(out), "grads": _grads(model.module)}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    # no_sync covered forward and backward: one all-reduce per bucket per optimizer step, not per micro-step.
+    assert res["calls_accum"] == res["calls_single"] >= 1
+    single = _tiny_gpt(seed=0)
+    T.accumulate_gradients(single, _batches(4, 2), torch.autocast("cpu", enabled=False),
+                           torch.amp.GradScaler("cpu", enabled=False))
+    ref = _grads(single)
+    for n, g in res["grads"].items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-7)
+    data = torch.cat(_batches(1, 4, seed=7))
+    ref_eval, _ = T.evaluate(_tiny_gpt(seed=0), iter([data]), torch.autocast("cpu", enabled=False))
+    assert res["eval"] == pytest.approx(ref_eval, rel=1e-6)
+
+
+def test_ranks_read_disjoint_parts_of_the_stream(work):
+    from argparse import Namespace
+
+    from minicodeparrot.tokenizer import Tokenizer
+
+    args = Namespace(tokenized=False, dataset_name_train=str(work["train"]), seed=1, shuffle_buffer=8,
+                     seq_length=32)
+    tok = Tokenizer.from_pretrained(work["tok"])
+    paths = [[r["path"] for r in T.build_train_data(args, tok, rank, 2).dataset] for rank in range(2)]
+    everything = [r["path"] for r in T.build_train_data(args, tok, 0, 1).dataset]
+    assert not set(paths[0]) & set(paths[1])
+    assert sorted(paths[0] + paths[1]) == sorted(everything)
+
+
+# --- whole runs ------------------------------------------------------------------------------------------------
+def test_torchrun_two_ranks_learns(work, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "minicodeparrot.train", *_args(work, out, "--max-train-steps", "30",
+                                                "--save-checkpoint-steps", "15")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses, evals = _metrics(out)
+    first, last = [losses[s] for s in range(1, 6)], [losses[s] for s in range(26, 31)]
+    assert sum(last) / 5 < sum(first) / 5 - 0.5, (first, last)
+    assert set(evals) == {15, 30} and evals[30] < evals[15]
+    # Each rank logged the token sum of its first block: different data on the two ranks.
+    sums = []
+    for rank in range(2):
+        text = (out / "log" / f"debug_{rank}.log").read_text()
+        sums.append(text.split("step 1 loss")[1].split("first_block_sum ")[1].split()[0])
+    assert sums[0] != sums[1]
+    state = torch.load(out / "step_30" / "trainer_state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2 and state["ranks"][0]["data"] != state["ranks"][1]["data"]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
+    common = ("--max-train-steps", "16", "--save-checkpoint-steps", "4", "--keep-last", "2")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    full = subprocess.run([sys.executable, "-m", "minicodeparrot.train", *_args(work, ref, *common)],
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot.train", *_args(work, cut, *common)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not (cut / "step_4").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    resumed_from = max(int(p.name.split("_")[1]) for p in T.list_checkpoints(cut))
+    assert resumed_from < 16
+    again = subprocess.run([sys.executable, "-m", "minicodeparrot.train",
+                            *_args(work, cut, *common, "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {cut / f'step_{resumed_from}'}" in again.stderr
+
+    ref_loss, ref_eval = _metrics(ref)
+    cut_loss, cut_eval = _metrics(cut)
+    for s in range(resumed_from + 1, 17):
+        assert cut_loss[s] == ref_loss[s], s  # bitwise, not approx
+    assert cut_eval == ref_eval
+    assert (cut / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert [p.name for p in T.list_checkpoints(cut)] == ["step_12", "step_16"]  # --keep-last 2
+
+
+def test_sigterm_checkpoints_and_exits_zero(work, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot.train",
+                             *_args(work, out, "--max-train-steps", "1000", "--save-checkpoint-steps", "1000")],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 200
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at step" in err
+    last_step = max(_metrics(out)[0])
+    assert [p.name for p in T.list_checkpoints(out)] == [f"step_{last_step}"]
+    assert torch.load(out / f"step_{last_step}" / "trainer_state.pt", weights_only=True)["step"] == last_step
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = _tiny_gpt()
+    opt = T.make_optimizer(model, 1e-3, 0.1)
+    sched = T.make_scheduler(opt, 1, 10, "cosine")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ranks = [{"rng": T.rng_state(), "data": {"epoch": 0}}]
+    T.save_checkpoint(tmp_path, 1, model, opt, sched, scaler, ranks, {}, keep_last=3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    real_save, n = torch.save, []
+
+    def dying_save(obj, path, *a, **k):
+        n.append(path)
+        if len(n) == 2:
+            raise OSError("disk full")
+        real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        T.save_checkpoint(tmp_path, 2, model, opt, sched, scaler, ranks, {}, keep_last=3)
+    monkeypatch.undo()
+    assert (tmp_path / "step_2.tmp").exists() and not (tmp_path / "step_2").exists()
+    latest = T.resolve_resume("latest", tmp_path)
+    assert latest == tmp_path / "step_1"
+    fresh = _tiny_gpt(seed=5)
+    opt2 = T.make_optimizer(fresh, 1e-3, 0.1)
+    state = T.load_checkpoint(latest, fresh, opt2, T.make_scheduler(opt2, 1, 10, "cosine"), scaler, 1)
+    assert state["step"] == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved[k])
+    for step in (2, 3, 4):  # a later save replaces the leftover .tmp; keep_last prunes the oldest
+        T.save_checkpoint(tmp_path, step, model, opt, sched, scaler, ranks, {}, keep_last=2)
+    assert [p.name for p in T.list_checkpoints(tmp_path)] == ["step_3", "step_4"]
+    with pytest.raises(UserError, match="written by 1 ranks"):
+        T.load_checkpoint(tmp_path / "step_4", fresh, opt2, T.make_scheduler(opt2, 1, 10, "cosine"), scaler, 2)
+
+
+def test_non_finite_loss_stops_naming_the_step(work, tmp_path, monkeypatch):
+    from minicodeparrot.cli import build_parser
+
+    real = T.accumulate_gradients
+    calls = []
+
+    def poisoned(*a, **k):
+        loss = real(*a, **k)
+        calls.append(1)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setattr(T, "accumulate_gradients", poisoned)
+    args = build_parser().parse_args(["train", *_args(work, tmp_path / "nan", "--max-train-steps", "6")])
+    with pytest.raises(T.NonFiniteLossError, match="loss is nan at step 3"):
+        T.train(args)
+    calls.clear()
+    args = build_parser().parse_args(["train", *_args(work, tmp_path / "skip", "--max-train-steps", "4",
+                                                       "--max-bad-steps", "1")])
+    assert T.train(args)["step"] == 4
