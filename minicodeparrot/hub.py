@@ -23,6 +23,7 @@ import io
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
@@ -40,13 +41,17 @@ class HubError(UserError):
     """A Hub request failed in a way the user can act on (auth, name, network)."""
 
 
+class HubUnreachable(HubError):
+    """Out of retries: network down, Hub overloaded. `download` then falls back to a cached copy."""
+
+
 @dataclass
 class RetryPolicy:
     """How hard to try. Tests shrink the delays; Retry-After from the server wins (up to max_delay)."""
 
-    attempts: int = 8  # tries per request without progress; a resumed body that made progress resets it
-    base_delay: float = 1.0
-    max_delay: float = 60.0
+    attempts: int = 6  # tries per request without progress; a resumed body that made progress resets it
+    base_delay: float = 1.0  # then 2, 4, 8, 16 s: about half a minute before giving up
+    max_delay: float = 30.0
     timeout: tuple[float, float] = (10.0, 60.0)  # (connect, read) seconds
     max_redirects: int = 10
 
@@ -158,20 +163,19 @@ def _get(session: requests.Session, url: str, what: str, headers: dict | None = 
             else:
                 raise HubError(f"too many redirects for {what} ({url})")
         except (requests.ConnectionError, requests.Timeout) as e:
-            last = type(e).__name__
-            time.sleep(_retry_delay(attempt, None))
-            continue
-        if response.status_code in RETRY_STATUS:
+            last, response = type(e).__name__, None
+        else:
+            if response.status_code not in RETRY_STATUS:
+                if response.status_code >= 400:
+                    response.close()
+                    _raise_for(response, what)
+                return response
             last = f"HTTP {response.status_code}"
             response.close()
+        if attempt + 1 < RETRY.attempts:
             time.sleep(_retry_delay(attempt, response))
-            continue
-        if response.status_code >= 400:
-            response.close()
-            _raise_for(response, what)
-        return response
-    raise HubError(f"gave up on {url} after {RETRY.attempts} attempts (last: {last}); check the network "
-                   "or try again later")
+    raise HubUnreachable(f"gave up on {url} after {RETRY.attempts} attempts (last: {last}); "
+                         "check the network or try again later")
 
 
 def list_files(repo_id: str, revision: str = "main", repo_type: str = "dataset",
@@ -277,7 +281,7 @@ class HubStream(io.RawIOBase):
             failures += 1
             self._drop_response()
             if failures >= RETRY.attempts:
-                raise HubError(f"gave up on {self.url} after {failures} broken connections at byte "
+                raise HubUnreachable(f"gave up on {self.url} after {failures} broken connections at byte "
                                f"{self.pos} (last: {type(error).__name__}); check the network")
             time.sleep(_retry_delay(failures - 1, None))
 
@@ -337,7 +341,13 @@ def download(repo_id: str, path: str, cache_dir: str | os.PathLike | None = None
         if target.is_file():
             return target
         raise HubError(f"HF_HUB_OFFLINE=1 but {repo_id}: {path} is not in the cache {root}")
-    etag, size = _remote_meta(repo_id, path, revision, repo_type)
+    try:
+        etag, size = _remote_meta(repo_id, path, revision, repo_type)
+    except HubUnreachable as e:
+        if not target.is_file():
+            raise
+        warnings.warn(f"using the cached {target} unchecked: {e}", stacklevel=2)
+        return target
     if target.is_file() and meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         if meta.get("etag") == etag and target.stat().st_size == (size if size is not None else meta["size"]):

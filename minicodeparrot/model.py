@@ -315,7 +315,9 @@ class GPT(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self.config.to_hf_dict(), indent=2) + "\n")
+        hf_config = self.config.to_hf_dict()
+        hf_config["torch_dtype"] = str(self.transformer.wte.weight.dtype).removeprefix("torch.")
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(self.hf_state_dict(), directory / "model.safetensors", metadata={"format": "pt"})
 
     @classmethod

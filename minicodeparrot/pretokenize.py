@@ -135,12 +135,13 @@ def pretokenize(dataset: Any, tokenizer, output_dir: str | Path, num_workers: in
     Chunks of documents are encoded in `num_workers` processes and written back in input order, so
     the shards are identical for any worker count.
     """
-    from minicodeparrot.shards import BadRecords, iter_records
+    from minicodeparrot.shards import BadRecords, iter_records, resolve_sources
 
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no <|endoftext|> token; pretokenize needs it between documents")
     if tokens_per_shard < 1 or num_workers < 1:
         raise UserError("--tokens-per-shard and --num-workers must be at least 1")
+    sources = resolve_sources(dataset)  # a wrong --dataset fails here, before any output exists
     output_dir = Path(output_dir)
     if output_dir.is_dir() and any(output_dir.glob("tokens-*.bin")):
         raise UserError(f"{output_dir} already holds token shards; choose an empty --output")
@@ -148,7 +149,7 @@ def pretokenize(dataset: Any, tokenizer, output_dir: str | Path, num_workers: in
     vocab_size = max(max(tokenizer.vocab.values()), tokenizer.eos_token_id) + 1  # ids are < vocab_size
     writer = _ShardWriter(output_dir, token_dtype(vocab_size), vocab_size, tokens_per_shard)
     bad, records = BadRecords(), [0]
-    chunks = _chunks(iter_records(dataset, text_field=text_field, stats=bad), text_field, records)
+    chunks = _chunks(iter_records(sources, text_field=text_field, stats=bad), text_field, records)
     start = time.perf_counter()
     bar = tqdm(desc="pretokenize", unit="tok", unit_scale=True, disable=not show_progress)
     if num_workers == 1:
@@ -232,7 +233,10 @@ class TokenShardDataset(IterableDataset):
         self.seq_length, self.seed, self.shuffle, self.infinite = seq_length, seed, shuffle, infinite
         self.split_by_rank, self.rank, self.world_size = split_by_rank, rank, world_size
         headers = [read_header(p) for p in self.paths]
-        self.vocab_size = max(h[2] for h in headers)
+        if len({h[2] for h in headers}) > 1:
+            raise UserError(f"the token shards in {path} come from tokenizers with different vocabularies "
+                            f"({sorted({h[2] for h in headers})}); pretokenize all data with one tokenizer")
+        self.vocab_size = headers[0][2]
         self.num_tokens = sum(h[1] for h in headers)
         self._dtypes = [h[0] for h in headers]
         self._ntok = [h[1] for h in headers]
@@ -275,6 +279,8 @@ class TokenShardDataset(IterableDataset):
             raise UserError(f"{self.num_windows} windows cannot feed {consumers} consumers (ranks x workers)")
         order = np.arange(self.num_windows)
         if self.shuffle:
+            # One global permutation (8 bytes per window: ~230 MB per consumer for CodeParrot's 29B
+            # tokens) so that every batch mixes the whole corpus, not one shard at a time.
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
         per_consumer = self.num_windows // consumers
         return order[consumer::consumers][:per_consumer]

@@ -277,6 +277,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     Shuffling follows `datasets`: the file order is shuffled with seed+epoch, then a buffer of
     `shuffle_buffer` records is filled and each new record replaces (and yields) a random slot.
     All ranks shuffle the file list with the same seed, so the round-robin deal stays disjoint.
+    Ranks get whole files, so their record counts differ: under DDP train on an endless stream with a
+    step budget (as CodeParrot does), not "until the data runs out", which would leave ranks waiting.
 
     `state_dict()` is the position right after the last record handed out by the iterator running in
     this process: epoch, file, line within the file, the shuffle buffer and its RNG state. With
@@ -299,6 +301,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.bad_records = BadRecords()
         self._state: dict | None = None  # live position of the running iterator
+        self._rng: random.Random | None = None
         self._resume: dict | None = None  # position to start the next iteration from
 
     def set_epoch(self, epoch: int) -> None:
@@ -340,13 +343,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         if state is None:
             rng = random.Random(f"buffer-{self.seed}-{self.epoch}-{consumer}")
             state = {"epoch": self.epoch, "consumer": consumer, "consumers": consumers, "file": 0, "line": 0,
-                     "buffer": [], "draining": False, "rng": rng.getstate()}
+                     "buffer": [], "draining": False}
         else:
             state = dict(state, buffer=list(state["buffer"]))
             rng = random.Random()
-            rng.setstate(state["rng"])
+            rng.setstate(state.pop("rng"))
         self.epoch = state["epoch"]
-        self._state = state
+        # The live position: this generator mutates `state` (and `rng`) before every yield, so that
+        # state_dict() taken between two records describes exactly the records still to come.
+        self._state, self._rng = state, rng
         files, stride = self._plan(state["epoch"], consumer, consumers)
         buffer, size = state["buffer"], self.shuffle_buffer
         while state["file"] < len(files) and not state["draining"]:
@@ -367,23 +372,27 @@ class ShardStream(torch.utils.data.IterableDataset):
                 else:
                     i = rng.randrange(size)
                     out, buffer[i] = buffer[i], record
-                    state["rng"] = rng.getstate()
                     yield out
             state["file"] += 1
             state["line"] = 0
         if not state["draining"]:
             rng.shuffle(buffer)
-            state["rng"] = rng.getstate()
             state["draining"] = True
         while buffer:
             yield buffer.pop()
+        if self.bad_records.total:
+            bad = self.bad_records
+            warnings.warn(f"ShardStream skipped {bad.total} bad records so far: {bad}", BadRecordWarning,
+                          stacklevel=2)
 
     def state_dict(self) -> dict:
         """The position after the last record yielded in this process (see the class docstring)."""
-        state = self._resume if self._resume is not None else self._state
-        if state is None:
+        if self._resume is not None:
+            return dict(self._resume)
+        if self._state is None:
             return {"epoch": self.epoch, "fresh": True}
-        return dict(state, buffer=list(state["buffer"]), bad_records=self.bad_records.as_dict())
+        return dict(self._state, buffer=list(self._state["buffer"]), rng=self._rng.getstate(),
+                    bad_records=self.bad_records.as_dict())
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fresh"):

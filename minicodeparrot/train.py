@@ -114,6 +114,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as JSON/checkpoint-safe values (no handler function)."""
+    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+
+
 # --- distributed -----------------------------------------------------------------------------------------
 @dataclass
 class DistInfo:
@@ -491,8 +496,8 @@ def _train(args: argparse.Namespace, di: DistInfo, Tokenizer) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(Path(args.log_dir), di.rank)
-    log.info("world size %d, device %s, args %s", di.world_size, di.device,
-             json.dumps(vars(args), default=str))
+    log.info("world size %d, device %s", di.world_size, di.device)
+    log.debug("args %s", json.dumps(plain_args(args)))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -541,7 +546,7 @@ def _train(args: argparse.Namespace, di: DistInfo, Tokenizer) -> dict:
 
         writer = SummaryWriter(log_dir=str(Path(args.log_dir) / "tensorboard"))
         metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 -- closed in finally
-        (output_dir / "train_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        (output_dir / "train_args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
         log.info("model: %.1fM parameters, %.3g FLOPs/token; %d tokens per optimizer step",
                  raw_model.num_parameters() / 1e6, flops_per_token, tokens_per_step)
 
@@ -574,7 +579,7 @@ def _train(args: argparse.Namespace, di: DistInfo, Tokenizer) -> dict:
         states = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered] if di.is_main else []
         if di.is_main:
             path = save_checkpoint(output_dir, step, raw_model, optimizer, scheduler, scaler, states,
-                                   {"world_size": di.world_size, "args": vars(args)}, args.keep_last)
+                                   {"world_size": di.world_size, "args": plain_args(args)}, args.keep_last)
             log.info("saved checkpoint %s", path)
         if di.enabled:
             dist.barrier()
@@ -662,8 +667,7 @@ def _train(args: argparse.Namespace, di: DistInfo, Tokenizer) -> dict:
             tokenizer.save_pretrained(output_dir)
             log.info("saved the final model and tokenizer to %s", output_dir)
             if writer is not None:
-                hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                           for k, v in vars(args).items()}
+                hparams = {k: v for k, v in plain_args(args).items() if v is not None}
                 writer.add_hparams(hparams, {"hparam/eval_loss": result["eval_loss"]}, run_name="hparams")
         if di.enabled:
             dist.barrier()

@@ -9,7 +9,8 @@ checkpointing, (3) greedy generation tokens/s (KV cache) against the reference's
                                                          # eager and torch.compile
 
 Memory: on CUDA the peak allocated bytes of one training step; on every device also the bytes of the
-tensors autograd saves for backward (counted with saved_tensors_hooks), which is what checkpointing cuts.
+non-weight tensors autograd saves for backward (counted with saved_tensors_hooks), which checkpointing cuts.
+The cross-entropy over a 32768-entry vocabulary keeps its logits (and their fp32 copy) whatever happens.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import transformers
 from minicodeparrot.generate import generate
 from minicodeparrot.model import GPT, GPTConfig
 
+NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)  # timing should not include RNG work
+
 
 def config_for(args) -> GPTConfig:
     if args.device == "cuda":
-        return GPTConfig.from_preset("gpt2", vocab_size=32768, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    return GPTConfig(vocab_size=32768, n_positions=256, n_embd=256, n_layer=4, n_head=4,
-                     embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        return GPTConfig.from_preset("gpt2", vocab_size=32768, **NO_DROPOUT)
+    return GPTConfig(vocab_size=32768, n_positions=256, n_embd=256, n_layer=4, n_head=4, **NO_DROPOUT)
 
 
 def sync(device):
@@ -68,9 +70,11 @@ def time_training(model, x, args, ours: bool) -> float:
 
 def memory_of_step(model, x, args, ours: bool) -> dict:
     saved = [0]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
+    def pack(t):  # count activations only: weights saved for backward exist anyway
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[0] += t.numel() * t.element_size()
         return t
 
     if args.device == "cuda":
@@ -79,7 +83,7 @@ def memory_of_step(model, x, args, ours: bool) -> dict:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_step(model, x, args, ours)
     model.zero_grad(set_to_none=True)
-    out = {"saved_for_backward_MiB": saved[0] / 2**20}
+    out = {"activations_saved_MiB": saved[0] / 2**20}
     if args.device == "cuda":
         out["peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -122,7 +126,8 @@ def main() -> None:
     ours = GPT(config).to(args.device).train()
     with tempfile.TemporaryDirectory() as d:  # identical weights in both models
         ours.save_pretrained(d)
-        ref = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").to(args.device).train()
+        ref = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa")
+        ref = ref.to(args.device).train()
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_length), device=args.device)
     results = {"device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
                "torch": torch.__version__, "transformers": transformers.__version__,
@@ -138,7 +143,8 @@ def main() -> None:
     add("train fwd+bwd", time_training(ours, x, args, True), time_training(ref, x, args, False))
     if gpu and not args.no_compile:
         c_ours, c_ref = torch.compile(ours), torch.compile(ref)
-        add("train fwd+bwd compiled", time_training(c_ours, x, args, True), time_training(c_ref, x, args, False))
+        compiled_ours = time_training(c_ours, x, args, True)
+        add("train fwd+bwd compiled", compiled_ours, time_training(c_ref, x, args, False))
 
     # 2. activation memory with / without checkpointing (ours; the reference's own checkpointing for scale)
     plain = memory_of_step(ours, x, args, True)
@@ -170,9 +176,9 @@ def main() -> None:
                                 n, 2, args.device)
     add("generate greedy, batch 1", t_ours, t_ref)
 
+    c = config
     print(f"device: {results['device']}, torch {torch.__version__}, batch {args.batch_size} x seq "
-          f"{args.seq_length}, {args.dtype}, layers/width/heads {config.n_layer}/{config.n_embd}/{config.n_head}, "
-          f"vocab {config.vocab_size}")
+          f"{args.seq_length}, {args.dtype}, L/C/H {c.n_layer}/{c.n_embd}/{c.n_head}, vocab {c.vocab_size}")
     print(f"{'measure':<42}{'ours':>12}{'reference':>12}{'ratio':>8}  unit")
     for r in rows:
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"

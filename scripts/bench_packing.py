@@ -5,7 +5,8 @@
 1. Packing tokens/s through a DataLoader with 1 and 2 workers: ours (`ConstantLengthDataset` +
    `Tokenizer` + `ShardStream`) vs. the book's ConstantLengthDataset loop driven by the reference
    `transformers` GPT-2 fast tokenizer (Rust), reading the same shards.
-2. `pretokenize` records/s with 1 and 2 worker processes.
+2. The dropped fraction with the default buffer over the whole stdlib train split.
+3. `pretokenize` records/s with 1 and 2 worker processes, and `TokenShardDataset` read tokens/s.
 
 Both use GPT-2's tokenizer (tests/fixtures). Needs the `dev` extra (transformers).
 """
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from minicodeparrot.corpus import make_corpus
 from minicodeparrot.packing import ConstantLengthDataset
-from minicodeparrot.pretokenize import pretokenize
+from minicodeparrot.pretokenize import TokenShardDataset, pretokenize
 from minicodeparrot.shards import ShardStream
 from minicodeparrot.tokenizer import Tokenizer
 
@@ -125,6 +126,10 @@ def main() -> None:
             print(f"pretokenize, {workers} worker(s): {s['records']} records, {s['tokens']:,} tokens in "
                   f"{s['seconds']:.1f} s = {s['records_per_s']:.0f} records/s, "
                   f"{s['tokens'] / s['seconds']:,.0f} tokens/s")
+        windows = TokenShardDataset(Path(tmp) / "tok1", seq_length=1024, infinite=True)
+        start = time.perf_counter()
+        n = sum(w.numel() for w in itertools.islice(iter(windows), 20 * windows.num_windows))
+        print(f"TokenShardDataset (memmap, main process): {n / (time.perf_counter() - start):,.0f} tokens/s")
 
 
 if __name__ == "__main__":

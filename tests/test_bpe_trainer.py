@@ -229,8 +229,16 @@ def test_trained_tokenizer_encodes_like_reference(code_texts):
 
 # --- bad input -------------------------------------------------------------------------------
 def test_vocab_size_smaller_than_alphabet():
-    with pytest.raises(UserError, match="vocab_size 200 is smaller"):
-        train_bpe(["hello"], 200, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False)
+    def never_read():
+        raise AssertionError("the size is checked before the corpus is read")
+        yield "x"
+
+    with pytest.raises(UserError, match=r"200 .* alphabet \(256 symbols\); use a vocab_size of 257"):
+        train_bpe(never_read(), 200, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False)
+    # Without an initial alphabet the characters seen decide: 1 special + 'a', 'b', 'c'.
+    with pytest.raises(UserError, match="use a vocab_size of 4 or more"):
+        train_bpe(["abc"], 3, show_progress=False)
+    assert len(train_bpe(["abc"], 4, show_progress=False)) == 4
 
 
 def test_bad_items_are_rejected():
@@ -238,3 +246,47 @@ def test_bad_items_are_rejected():
         train_bpe([{"content": "x"}], 300, show_progress=False)
     with pytest.raises(UserError, match="single characters"):
         train_bpe(["x"], 300, initial_alphabet=["ab"], show_progress=False)
+
+
+# --- the train-tokenizer command -------------------------------------------------------------
+def test_cli_train_tokenizer_on_py_files_and_shards(tmp_path, capsys, code_texts):
+    import gzip
+
+    from minicodeparrot.cli import main
+    from minicodeparrot.tokenizer import Tokenizer
+
+    py_dir = tmp_path / "py"
+    py_dir.mkdir()
+    for i, text in enumerate(code_texts[:6]):
+        (py_dir / f"m{i}.py").write_text(text, encoding="utf-8")
+    (py_dir / "latin1.py").write_bytes(b"x = '\xe9'\n")  # not UTF-8: skipped and reported
+    main(["train-tokenizer", "--dataset", str(py_dir), "--vocab-size", "600", "--output", str(tmp_path / "a"),
+          "--no-progress"])
+    out = capsys.readouterr().out
+    assert "vocab 600, 343 merges, 6 examples" in out and "skipped 1 .py files" in out
+    expected = train_bpe(code_texts[:6], 600, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False)
+    saved = Tokenizer.from_pretrained(tmp_path / "a")
+    assert saved.vocab == expected.vocab and saved.merges == expected.merges
+
+    shard = tmp_path / "data" / "file-000000000000.json.gz"
+    shard.parent.mkdir()
+    with gzip.open(shard, "wt", encoding="utf-8") as f:
+        for i, text in enumerate(code_texts[:6]):
+            f.write(json.dumps({"repo_name": "r", "path": f"m{i}.py", "content": text}) + "\n")
+    main(["train-tokenizer", "--dataset", str(shard.parent), "--n-examples", "3", "--vocab-size", "600",
+          "--output", str(tmp_path / "b"), "--no-progress", "--num-workers", "1"])
+    assert "3 examples" in capsys.readouterr().out
+    expected = train_bpe(code_texts[:3], 600, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False)
+    assert Tokenizer.from_pretrained(tmp_path / "b").merges == expected.merges
+
+
+def test_cli_train_tokenizer_errors(tmp_path, capsys):
+    from minicodeparrot.cli import main
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train-tokenizer", "--dataset", str(tmp_path / "a.py"), "--vocab-size", "100",
+              "--output", str(tmp_path / "out"), "--no-progress"])
+    assert e.value.code == 2
+    assert "use a vocab_size of 257 or more" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

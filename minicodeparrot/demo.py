@@ -1,0 +1,139 @@
+"""The quickstart: the whole CodeParrot pipeline in a few minutes, offline, on any machine.
+
+    minicodeparrot demo [--minutes 3] [--output-dir minicodeparrot-demo]
+
+1. corpus: this interpreter's standard library as codeparrot-format shards (train + validation);
+2. tokenizer: byte-level BPE trained on the training shards (8000 tokens keeps it quick);
+3. model: the `tiny` preset trained for the time budget (CPU, or the GPU if there is one);
+4. report: validation loss and perplexity against the unigram baseline, then the book's prompts completed.
+
+The unigram baseline is the entropy of the validation split's token frequencies: the loss of the best model
+that ignores context (and one that has peeked at the validation counts). A model that learned anything about
+Python must go well below it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+PROMPTS = [
+    'def area_of_rectangle(a: float, b: float):\n    """Return the area of the rectangle."""\n',
+    'def get_urls_from_html(html):\n    """Get all embedded URLs in a HTML string."""\n',
+    "import os\n\n\ndef list_python_files(directory):\n",
+]
+
+
+def unigram_entropy(token_lists: list[list[int]]) -> float:
+    """Entropy in nats of the token frequency distribution: the loss of the best context-free predictor."""
+    counts = Counter(t for ids in token_lists for t in ids)
+    n = sum(counts.values())
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+def _steps_for_budget(seconds: float, vocab_size: int, batch_size: int, seq_length: int, device) -> int:
+    """How many optimizer steps fit in `seconds`: time a few steps of the tiny model on random tokens."""
+    import torch
+
+    from minicodeparrot.train import accumulate_gradients, build_model, make_optimizer
+
+    model = build_model("tiny", vocab_size, seq_length).to(device)
+    opt = make_optimizer(model, 1e-3, 0.1)
+    off = torch.autocast(device.type, enabled=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    batch = torch.randint(0, vocab_size, (batch_size, seq_length), device=device)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        accumulate_gradients(model, [batch], off, scaler)
+        opt.step()
+        opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    per_step = min(times[1:])
+    # Keep ~25% of the budget for data tokenization, evaluation and checkpointing.
+    return max(20, int(0.75 * seconds / per_step))
+
+
+def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.0, vocab_size: int = 8000,
+             show_progress: bool = True) -> dict:
+    import torch
+
+    from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.corpus import make_corpus
+    from minicodeparrot.errors import UserError
+    from minicodeparrot.generate import complete_code
+    from minicodeparrot.model import GPT
+    from minicodeparrot.shards import iter_texts
+    from minicodeparrot.tokenizer import Tokenizer
+    from minicodeparrot.train import PRESETS, train
+
+    if minutes <= 0 or vocab_size < 300:
+        raise UserError("--minutes must be > 0 and --vocab-size at least 300")
+    out = Path(output_dir)
+    corpus, tok_dir, model_dir = out / "corpus", out / "tokenizer", out / "model"
+    t_start = time.perf_counter()
+
+    print(f"[1/4] corpus: the standard library -> {corpus}", file=sys.stderr)
+    if not any(corpus.glob("train/*.json.gz")):
+        make_corpus(corpus, show_progress=show_progress)
+
+    print(f"[2/4] tokenizer: byte-level BPE, vocab {vocab_size} -> {tok_dir}", file=sys.stderr)
+    if (tok_dir / "tokenizer.json").is_file() and len(Tokenizer.from_pretrained(tok_dir)) == vocab_size:
+        tokenizer = Tokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_bpe(iter_texts(corpus / "train"), vocab_size, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                              show_progress=show_progress)
+        tokenizer.save_pretrained(tok_dir)
+
+    valid_texts = list(iter_texts(corpus / "valid"))
+    encoded = tokenizer.encode_batch(valid_texts, parse_special=False)
+    valid_ids = [ids + [tokenizer.eos_token_id] for ids in encoded]  # packing puts EOS after each file
+    baseline = unigram_entropy(valid_ids)
+    chars = sum(map(len, valid_texts))
+    tokens = sum(map(len, valid_ids))
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = PRESETS["tiny"]
+    steps = _steps_for_budget(minutes * 60, len(tokenizer), tiny["train_batch_size"], tiny["seq_length"],
+                              device)
+    print(f"[3/4] model: tiny preset on {device}, {steps} steps (~{minutes:g} min) -> {model_dir}",
+          file=sys.stderr)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)  # a fresh run each time; `minicodeparrot train --resume...` continues one
+    argv = ["train", "--preset", "tiny", "--tokenizer", str(tok_dir),
+            "--dataset-name-train", str(corpus / "train"), "--dataset-name-valid", str(corpus / "valid"),
+            "--output-dir", str(model_dir),
+            "--max-train-steps", str(steps), "--num-warmup-steps", str(min(30, steps // 10)),
+            "--save-checkpoint-steps", str(steps), "--keep-last", "1", "--max-eval-steps", "20"]
+    if not show_progress:
+        argv.append("--no-progress")
+    t_train = time.perf_counter()
+    result = train(build_parser().parse_args(argv))
+    train_s = time.perf_counter() - t_train
+
+    print("[4/4] completions (greedy)", file=sys.stderr)
+    model = GPT.from_pretrained(model_dir).to(device).eval()
+    completions = {p: complete_code(model, tokenizer, p, max_new_tokens=48, do_sample=False)[0]
+                   for p in PROMPTS}
+
+    loss = result["eval_loss"]
+    print()
+    print(f"validation split: {len(valid_texts)} files, {chars:,} characters, {tokens:,} tokens")
+    print(f"unigram baseline: {baseline:.3f} nats/token (perplexity {math.exp(baseline):.1f})")
+    print(f"tiny model after {result['step']} steps ({train_s / 60:.1f} min training): validation loss "
+          f"{loss:.3f} (perplexity {result['perplexity']:.1f}), {baseline - loss:.2f} nats below the "
+          "baseline")
+    for prompt, completion in completions.items():
+        print("\n" + "-" * 60 + "\n" + prompt + completion)
+    print("-" * 60)
+    print(f"\ntotal {(time.perf_counter() - t_start) / 60:.1f} min; model in {model_dir} "
+          f"(try: minicodeparrot generate --model {model_dir} --prompt 'def add(a, b):')")
+    return {"unigram_baseline": baseline, "eval_loss": loss, "perplexity": result["perplexity"],
+            "steps": result["step"], "train_seconds": train_s, "completions": completions}
