@@ -85,10 +85,15 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "tokenize", help="print the tokens and ids of a file or stdin",
+        "tokenize", help="print the tokens and ids of a file, stdin or dataset records",
         description="Prints the token strings as the book shows them (['def', 'Ġsay', ...]); "
-                    "--ids prints ids.")
-    p.add_argument("file", nargs="?", default="-", help="text file to tokenize ('-' or nothing: stdin)")
+                    "--ids prints ids. With --dataset: one line per record.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("file", nargs="?", default=None, help="text file to tokenize ('-' or nothing: stdin)")
+    src.add_argument("--dataset", metavar="SRC", default=None,
+                     help="tokenize records of shards (file, dir, glob) or a Hub dataset (owner/name)")
+    p.add_argument("--n", type=int, default=1, help="with --dataset: how many records, from the first (1)")
+    p.add_argument("--text-field", default="content", help="with --dataset: record field holding the text")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer directory (tokenizer.json, or vocab.json + merges.txt), "
                         "e.g. from train-tokenizer")
@@ -102,7 +107,10 @@ def _tokenize(args: argparse.Namespace) -> None:
     from minicodeparrot.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(args.tokenizer)
-    if args.file == "-":
+    if args.dataset is not None:
+        _tokenize_dataset(tok, args)
+        return
+    if args.file in (None, "-"):
         text = sys.stdin.read()
     else:
         try:
@@ -114,6 +122,22 @@ def _tokenize(args: argparse.Namespace) -> None:
             raise UserError(f"{args.file} is not UTF-8 text; convert it first") from None
     ids = tok.encode(text, parse_special=not args.no_special)
     print(ids if args.ids else tok.convert_ids_to_tokens(ids))
+
+
+def _tokenize_dataset(tok, args: argparse.Namespace) -> None:
+    from minicodeparrot.shards import iter_texts
+
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    count = 0
+    for text in iter_texts(args.dataset, n=args.n, text_field=args.text_field):
+        ids = tok.encode(text, parse_special=not args.no_special)
+        print(ids if args.ids else tok.convert_ids_to_tokens(ids))
+        count += 1
+    if count == 0:
+        raise UserError(f"no records with a {args.text_field!r} field in {args.dataset}; check --text-field")
+    if count < args.n:
+        print(f"tokenize: {args.dataset} has only {count} records (asked for --n {args.n})", file=sys.stderr)
 
 
 def _add_tokenizer_report(sub: argparse._SubParsersAction) -> None:

@@ -22,6 +22,7 @@ import fnmatch
 import io
 import json
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -146,6 +147,26 @@ def _raise_for(response: requests.Response, what: str) -> None:
         raise HubError(f"HTTP {status} for {what} ({response.reason})")
 
 
+def _name_not_resolved(error: BaseException) -> bool:
+    """Whether a connection error comes from DNS (socket.gaierror somewhere in its causes).
+
+    urllib3 wraps it as MaxRetryError(reason=NameResolutionError(...)) inside requests' ConnectionError,
+    so we walk __cause__/__context__ and `.reason`.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return True
+        reason = getattr(e, "reason", None)
+        todo += [e.__cause__, e.__context__, reason if isinstance(reason, BaseException) else None]
+    return False
+
+
 def _get(session: requests.Session, url: str, what: str, headers: dict | None = None,
          method: str = "GET", follow: bool = True) -> requests.Response:
     """A request with retries and host-checked redirects; returns the final (2xx or 3xx) response."""
@@ -163,6 +184,11 @@ def _get(session: requests.Session, url: str, what: str, headers: dict | None = 
             else:
                 raise HubError(f"too many redirects for {what} ({url})")
         except (requests.ConnectionError, requests.Timeout) as e:
+            if _name_not_resolved(e):
+                # No DNS answer is no network or a wrong host: retrying for half a minute changes neither.
+                host = urlsplit(target).hostname
+                raise HubUnreachable(f"cannot reach the Hub at {endpoint()}: host {host!r} cannot be "
+                                     "resolved (no network, or an unknown host: check HF_ENDPOINT)") from None
             last, response = type(e).__name__, None
         else:
             if response.status_code not in RETRY_STATUS:

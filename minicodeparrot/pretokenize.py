@@ -260,11 +260,11 @@ class TokenShardDataset(IterableDataset):
 
     def _consumer(self) -> tuple[int, int]:
         """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers."""
-        from minicodeparrot.shards import _distributed_rank
+        from minicodeparrot.shards import distributed_rank
 
         rank, world = 0, 1
         if self.split_by_rank:
-            rank, world = _distributed_rank()
+            rank, world = distributed_rank()
             rank = self.rank if self.rank is not None else rank
             world = self.world_size if self.world_size is not None else world
         if not 0 <= rank < world:

@@ -120,7 +120,7 @@ def resolve_sources(spec: str | os.PathLike | Source | Iterable) -> list[Source]
         try:
             return _hub_sources(text)
         except HubError as e:  # maybe it was meant as a local path: say that it is not one either
-            raise HubError(f"{e} ({text!r} is not a local path either)") from None
+            raise type(e)(f"{e} ({text!r} is not a local path either)") from None
     raise UserError(f"dataset {text!r} is neither a local file/directory/glob nor a Hub repo (owner/name)")
 
 
@@ -265,7 +265,9 @@ def iter_texts(spec: Any, n: int | None = None, text_field: str = "content") -> 
         yield record[text_field]
 
 
-def _distributed_rank() -> tuple[int, int]:
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed once initialised, else from torchrun's RANK/WORLD_SIZE,
+    so that datasets built before init_process_group already split correctly."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -314,7 +316,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers."""
         rank, world = 0, 1
         if self.split_by_rank:
-            rank, world = _distributed_rank()
+            rank, world = distributed_rank()
             rank = self.rank if self.rank is not None else rank
             world = self.world_size if self.world_size is not None else world
         if not 0 <= rank < world:

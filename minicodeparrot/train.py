@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_warmup_steps=750, max_train_steps=50_000, gradient_accumulation_steps=16,
         gradient_checkpointing=True, mixed_precision="bf16", save_checkpoint_steps=5_000),
     "tiny": dict(
-        model_config="tiny", train_batch_size=16, valid_batch_size=16, learning_rate=3e-3,
+        model_config="tiny", train_batch_size=8, valid_batch_size=16, learning_rate=3e-3,
         num_warmup_steps=30, max_train_steps=400, gradient_accumulation_steps=1, seq_length=128,
         shuffle_buffer=100, save_checkpoint_steps=200, mixed_precision="no"),
 }
@@ -475,24 +475,26 @@ class StopRequest:
 
 
 class NonFiniteLossError(UserError):
-    pass
+    """The loss became NaN/inf: continuing would only write a broken checkpoint over a good one."""
 
 
 # --- the loop --------------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict:
     """Run training; returns the final metrics (rank 0's view, identical on all ranks)."""
     args = resolve_args(args)
-    from minicodeparrot.tokenizer import Tokenizer
-
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     di = setup_distributed()
     try:
-        return _train(args, di, Tokenizer)
+        return _train(args, di)
     finally:
         if di.enabled:
             dist.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, di: DistInfo, Tokenizer) -> dict:
+def _train(args: argparse.Namespace, di: DistInfo) -> dict:
+    from minicodeparrot.tokenizer import Tokenizer
+
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(Path(args.log_dir), di.rank)
@@ -515,8 +517,6 @@ def _train(args: argparse.Namespace, di: DistInfo, Tokenizer) -> dict:
         model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None)
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    if args.mixed_precision == "fp16" and di.device.type != "cuda":
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     autocast = torch.autocast(di.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(di.device.type, enabled=args.mixed_precision == "fp16")
     optimizer = make_optimizer(raw_model, args.learning_rate, args.weight_decay,

@@ -332,3 +332,11 @@ def test_cli_evaluate_loss_equals_a_manual_computation(tiny_model_dir, tmp_path,
     assert result["loss"] == pytest.approx(manual, rel=1e-5)
     assert result["perplexity"] == pytest.approx(float(torch.tensor(manual).exp()), rel=1e-5)
     assert f"loss {manual:.4f}" in printed
+
+
+def test_validation_shards_are_picked_out_of_a_corpus_directory(tmp_path):
+    for name in ("file-000000000000.json", "file-000000000001.json", "file-000000000002_validation.json"):
+        (tmp_path / name).write_text(json.dumps({"content": "x = 1\n"}) + "\n")
+    assert [s.path.name for s in ev.validation_sources(tmp_path)] == ["file-000000000002_validation.json"]
+    single = tmp_path / "file-000000000000.json"
+    assert [s.path for s in ev.validation_sources(single)] == [single]

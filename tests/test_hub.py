@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -192,3 +193,40 @@ def test_download_model_files(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no request at all
     cached = download("owner/tiny-gpt", "config.json", cache_dir=tmp_path / "cache", repo_type="model")
     assert cached.read_text() == '{"n_layer": 2}'
+
+
+def _fake_dns(monkeypatch, fail_hosts: str) -> list[str]:
+    """Names ending in `fail_hosts` fail as DNS does, without asking a real resolver; logs every lookup."""
+    real, lookups = socket.getaddrinfo, []
+
+    def getaddrinfo(host, *args, **kwargs):
+        lookups.append(str(host))
+        if str(host).endswith(fail_hosts):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def test_unknown_host_fails_at_once(monkeypatch) -> None:
+    lookups = _fake_dns(monkeypatch, ".invalid")
+    monkeypatch.setenv("HF_ENDPOINT", "http://nonexistent.invalid")
+    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy())  # the real backoff: half a minute if it retried
+    t0 = time.perf_counter()
+    with pytest.raises(hub.HubUnreachable, match="nonexistent.invalid.*cannot be resolved.*no network"):
+        list_files(REPO)
+    assert time.perf_counter() - t0 < 3 and len(lookups) == 1
+    with pytest.raises(hub.HubUnreachable, match="is not a local path either"):
+        shards.resolve_sources(REPO)  # no such local directory: the message says that too
+
+
+def test_refused_connection_is_still_retried(monkeypatch) -> None:
+    lookups = _fake_dns(monkeypatch, ".invalid")
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://localhost:{port}")
+    with pytest.raises(hub.HubUnreachable, match=f"gave up on .* after {hub.RETRY.attempts} attempts"):
+        list_files(REPO)
+    assert lookups.count("localhost") == hub.RETRY.attempts

@@ -375,3 +375,21 @@ def test_non_finite_loss_stops_naming_the_step(work, tmp_path, monkeypatch):
     args = build_parser().parse_args(["train", *_args(work, tmp_path / "skip", "--max-train-steps", "4",
                                                        "--max-bad-steps", "1")])
     assert T.train(args)["step"] == 4
+
+
+def test_tokenized_shards_train(work, tmp_path):
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.pretokenize import pretokenize
+    from minicodeparrot.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(work["tok"])
+    for split in ("train", "valid"):
+        pretokenize(work[split], tok, tmp_path / split, show_progress=False)
+    argv = _args(work, tmp_path / "out", "--max-train-steps", "4", "--save-checkpoint-steps", "2",
+                 "--tokenized")
+    argv[argv.index("--dataset-name-train") + 1] = str(tmp_path / "train")
+    argv[argv.index("--dataset-name-valid") + 1] = str(tmp_path / "valid")
+    result = T.train(build_parser().parse_args(["train", *argv]))
+    assert result["step"] == 4 and math.isfinite(result["eval_loss"])
+    state = torch.load(tmp_path / "out" / "step_4" / "trainer_state.pt", weights_only=True)
+    assert state["ranks"][0]["data"]["taken"] == 4 * 4  # 4 steps of 4 windows
