@@ -21,10 +21,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+# The book's prompts, and one the standard library knows. No trailing newline: the tokenizer merges "\n" with
+# the next line's indentation ("\n    " is one token), so a prompt cut after "\n" is one the model never saw.
 PROMPTS = [
-    'def area_of_rectangle(a: float, b: float):\n    """Return the area of the rectangle."""\n',
-    'def get_urls_from_html(html):\n    """Get all embedded URLs in a HTML string."""\n',
-    "import os\n\n\ndef list_python_files(directory):\n",
+    'def area_of_rectangle(a: float, b: float):\n    """Return the area of the rectangle."""',
+    'def get_urls_from_html(html):\n    """Get all embedded URLs in a HTML string."""',
+    "import os\n\n\ndef list_python_files(directory):",
 ]
 
 
@@ -47,7 +49,7 @@ def _steps_for_budget(seconds: float, vocab_size: int, batch_size: int, seq_leng
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     batch = torch.randint(0, vocab_size, (batch_size, seq_length), device=device)
     times = []
-    for _ in range(4):
+    for _ in range(6):
         t0 = time.perf_counter()
         accumulate_gradients(model, [batch], off, scaler)
         opt.step()
@@ -55,7 +57,7 @@ def _steps_for_budget(seconds: float, vocab_size: int, batch_size: int, seq_leng
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    per_step = min(times[1:])
+    per_step = sorted(times[1:])[len(times) // 2]  # the median: other jobs may share the machine
     # Keep ~25% of the budget for data tokenization, evaluation and checkpointing.
     return max(20, int(0.75 * seconds / per_step))
 
@@ -118,10 +120,9 @@ def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.
     result = train(build_parser().parse_args(argv))
     train_s = time.perf_counter() - t_train
 
-    print("[4/4] completions (greedy)", file=sys.stderr)
+    print("[4/4] completions (sampled as in the book: temperature 0.4, top-p 0.95, seed 42)", file=sys.stderr)
     model = GPT.from_pretrained(model_dir).to(device).eval()
-    completions = {p: complete_code(model, tokenizer, p, max_new_tokens=48, do_sample=False)[0]
-                   for p in PROMPTS}
+    completions = {p: complete_code(model, tokenizer, p, max_new_tokens=48)[0] for p in PROMPTS}
 
     loss = result["eval_loss"]
     print()

@@ -235,8 +235,9 @@ def test_ranks_read_disjoint_parts_of_the_stream(work):
     args = Namespace(tokenized=False, dataset_name_train=str(work["train"]), seed=1, shuffle_buffer=8,
                      seq_length=32)
     tok = Tokenizer.from_pretrained(work["tok"])
-    paths = [[r["path"] for r in T.build_train_data(args, tok, rank, 2).dataset] for rank in range(2)]
-    everything = [r["path"] for r in T.build_train_data(args, tok, 0, 1).dataset]
+    streams = [T.build_train_data(args, tok, rank, 2).dataset.dataset for rank in range(2)]  # ShardStreams
+    paths = [[r["path"] for r in stream] for stream in streams]
+    everything = [r["path"] for r in T.build_train_data(args, tok, 0, 1).dataset.dataset]
     assert not set(paths[0]) & set(paths[1])
     assert sorted(paths[0] + paths[1]) == sorted(everything)
 
@@ -393,3 +394,12 @@ def test_tokenized_shards_train(work, tmp_path):
     assert result["step"] == 4 and math.isfinite(result["eval_loss"])
     state = torch.load(tmp_path / "out" / "step_4" / "trainer_state.pt", weights_only=True)
     assert state["ranks"][0]["data"]["taken"] == 4 * 4  # 4 steps of 4 windows
+
+
+def test_unigram_baseline_is_the_entropy_of_token_frequencies():
+    from minicodeparrot.demo import unigram_entropy
+
+    assert unigram_entropy([[1, 2], [3, 4]]) == pytest.approx(math.log(4))
+    assert unigram_entropy([[7, 7, 7]]) == 0.0
+    p = [0.5, 0.25, 0.25]
+    assert unigram_entropy([[0, 0, 1, 2]]) == pytest.approx(-sum(x * math.log(x) for x in p))
