@@ -37,6 +37,7 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from minicodeparrot.errors import UserError
+from minicodeparrot.shards import consumer_index
 
 MAGIC = b"MCPTOKS\0"
 VERSION = 1
@@ -258,21 +259,6 @@ class TokenShardDataset(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _consumer(self) -> tuple[int, int]:
-        """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers."""
-        from minicodeparrot.shards import distributed_rank
-
-        rank, world = 0, 1
-        if self.split_by_rank:
-            rank, world = distributed_rank()
-            rank = self.rank if self.rank is not None else rank
-            world = self.world_size if self.world_size is not None else world
-        if not 0 <= rank < world:
-            raise UserError(f"rank {rank} is outside world size {world}; check RANK/WORLD_SIZE")
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * workers + worker, world * workers
-
     def windows(self, epoch: int, consumer: int, consumers: int) -> np.ndarray:
         """Global window indices for one consumer in one epoch, in the order they are yielded."""
         if self.num_windows < consumers:
@@ -305,7 +291,7 @@ class TokenShardDataset(IterableDataset):
         self._resume = {"epoch": state["epoch"], "taken": state["taken"]}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        consumer, consumers = self._consumer()
+        consumer, consumers = consumer_index(self.split_by_rank, self.rank, self.world_size)
         resume, self._resume = self._resume, None
         epoch, skip = (resume["epoch"], resume["taken"]) if resume else (self.epoch, 0)
         while True:

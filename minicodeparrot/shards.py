@@ -273,6 +273,24 @@ def distributed_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def consumer_index(split_by_rank: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers.
+
+    Every data-parallel reader must see a disjoint part: with 2 ranks x 3 workers there are 6 readers,
+    and reader r*3+w is worker w of rank r. Explicit `rank`/`world_size` override the environment.
+    """
+    r, world = 0, 1
+    if split_by_rank:
+        r, world = distributed_rank()
+        r = rank if rank is not None else r
+        world = world_size if world_size is not None else world
+    if not 0 <= r < world:
+        raise UserError(f"rank {r} is outside world size {world}; check RANK/WORLD_SIZE")
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return r * workers + worker, world * workers
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Records of the shards for one DDP rank / DataLoader worker, with seeded shuffling and exact resume.
 
@@ -312,19 +330,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._resume = None  # a saved position inside another epoch no longer applies
         self.epoch = epoch
 
-    def _consumer(self) -> tuple[int, int]:
-        """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers."""
-        rank, world = 0, 1
-        if self.split_by_rank:
-            rank, world = distributed_rank()
-            rank = self.rank if self.rank is not None else rank
-            world = self.world_size if self.world_size is not None else world
-        if not 0 <= rank < world:
-            raise UserError(f"rank {rank} is outside world size {world}; check RANK/WORLD_SIZE")
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * workers + worker, world * workers
-
     def _plan(self, epoch: int, consumer: int, consumers: int) -> tuple[list[int], int]:
         """This consumer's file indices for the epoch, and the line stride (1: whole files)."""
         order = list(range(len(self.sources)))
@@ -335,7 +340,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order, consumers
 
     def __iter__(self) -> Iterator[dict]:
-        consumer, consumers = self._consumer()
+        consumer, consumers = consumer_index(self.split_by_rank, self.rank, self.world_size)
         state = self._resume
         self._resume = None
         if state is not None and (state["consumer"], state["consumers"]) != (consumer, consumers):
