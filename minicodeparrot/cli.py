@@ -381,7 +381,7 @@ def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretokenize", help="tokenize a dataset into binary token shards",
         description="Writes OUTPUT/tokens-000000.bin ... (documents joined by <|endoftext|>, uint16 ids when "
-                    "the vocabulary allows) for `train --tokenized OUTPUT`.")
+                    "the vocabulary allows) for `train --tokenized --dataset-name-train OUTPUT`.")
     p.add_argument("--dataset", required=True, help="shards: file, directory, glob or Hub repo (owner/name)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json or vocab+merges)")
     p.add_argument("--output", required=True, help="directory for the token shards")
