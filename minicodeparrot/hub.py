@@ -46,6 +46,10 @@ class HubUnreachable(HubError):
     """Out of retries: network down, Hub overloaded. `download` then falls back to a cached copy."""
 
 
+class HubNotFound(HubError):
+    """404: the repo, revision or file does not exist (callers may try another file name)."""
+
+
 @dataclass
 class RetryPolicy:
     """How hard to try. Tests shrink the delays; Retry-After from the server wins (up to max_delay)."""
@@ -142,7 +146,7 @@ def _raise_for(response: requests.Response, what: str) -> None:
                     "(gated repos: accept the terms on the Hub)")
         raise HubError(f"HTTP {status} for {what}: private, gated or missing repo; {hint}")
     if status == 404:
-        raise HubError(f"not found on the Hub: {what}; check the repo name, revision and path")
+        raise HubNotFound(f"not found on the Hub: {what}; check the repo name, revision and path")
     if status >= 400:
         raise HubError(f"HTTP {status} for {what} ({response.reason})")
 

@@ -409,7 +409,7 @@ def _resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     config_path = hub.download(str(path), "config.json", repo_type="model")
     try:
         weights = hub.download(str(path), "model.safetensors", repo_type="model")
-    except UserError:
+    except hub.HubNotFound:  # older repos have only the pickle; a network failure is reported as is
         weights = hub.download(str(path), "pytorch_model.bin", repo_type="model")
     return Path(config_path), Path(weights)
 

@@ -239,3 +239,61 @@ def test_torch_compile_forward_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, labels=x)[1], model(x, labels=x)[1])
     assert time.time() - start < 60
+
+
+# --- Hub model repos over HTTP: tests/hubserver.py serves a saved checkpoint as "owner/tiny-model" ---
+HUB_REPO = "owner/tiny-model"
+
+
+@pytest.fixture
+def hub_model(tmp_path, monkeypatch, gpt2_dir):
+    """A tiny random GPT (GPT-2's vocab, so the repo's tokenizer.json fits it) served as a Hub model repo."""
+    import shutil
+
+    from hubserver import HubServer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**SMALL, "vocab_size": 50257})).eval()
+    model.save_pretrained(tmp_path / "repo")
+    shutil.copy(gpt2_dir / "tokenizer.json", tmp_path / "repo" / "tokenizer.json")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with HubServer(models={HUB_REPO: tmp_path / "repo"}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield model, server
+
+
+def test_from_pretrained_over_http(hub_model, tmp_path):
+    model, server = hub_model
+    ours = GPT.from_pretrained(HUB_REPO).eval()
+    x = _batch()
+    with torch.no_grad():
+        assert torch.equal(ours(x)[0], model(x)[0])
+    assert server.requests_to("/owner/tiny-model/resolve/main/model.safetensors")
+    assert server.requests_to("/cdn/models/owner/tiny-model/model.safetensors")  # the LFS redirect
+    assert (tmp_path / "hub_cache" / "models--owner--tiny-model" / "main" / "model.safetensors").is_file()
+    with pytest.raises(UserError) as err:
+        GPT.from_pretrained("owner/no-such-model")
+    assert "owner/no-such-model" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_generate_cli_with_hub_model(hub_model, capsys):
+    from minicodeparrot.cli import main
+    from minicodeparrot.generate import generate_texts
+    from minicodeparrot.tokenizer import Tokenizer
+
+    model, _ = hub_model
+    prompt = "def add(a, b):\n"
+    main(["generate", "--model", HUB_REPO, "--prompt", prompt, "--greedy", "--full",
+          "--max-new-tokens", "8", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    tokenizer = Tokenizer.from_pretrained(hub_model[1].repos[("models", HUB_REPO)] / "tokenizer.json")
+    expected = generate_texts(model, tokenizer, [prompt], 8, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id)[0][0]
+    assert expected and printed == prompt + expected + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "owner/no-such-model", "--prompt", prompt, "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "owner/no-such-model" in capsys.readouterr().err
