@@ -7,9 +7,8 @@ process). Read top to bottom, one optimizer step is:
         loss = model(batch, labels=batch) / accumulation_steps; loss.backward()
     clip grads to 1.0; AdamW step; LR scheduler step (warmup, then cosine to 0)
 
-plus evaluation and an atomic checkpoint every `save_checkpoint_steps`. A checkpoint holds everything needed
-to continue *exactly*: weights, optimizer, scheduler, GradScaler, the RNG states and the data-stream position
-of every rank, so a resumed run on CPU reproduces the uninterrupted run's losses bit for bit.
+plus evaluation and a checkpoint every `save_checkpoint_steps` (what it holds, and why a resumed run on CPU
+reproduces the uninterrupted run's losses bit for bit: `minicodeparrot.checkpoint`).
 
 The command-line arguments live in `minicodeparrot.cli` (so `minicodeparrot --help` stays fast without
 importing torch); `main(argv)` parses them with the same parser.
@@ -18,14 +17,11 @@ importing torch); `main(argv)` parses them with the same parser.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
 import os
 import random
-import re
-import shutil
 import signal
 import sys
 import time
@@ -41,6 +37,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from minicodeparrot.checkpoint import (
+    gather_rank_states,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from minicodeparrot.errors import UserError
 
 log = logging.getLogger("minicodeparrot.train")
@@ -390,79 +394,6 @@ def valid_batches(data, batch_size: int, device: torch.device):
         yield batch.to(device)
 
 
-# --- checkpoints -----------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, scaler,
-                    rank_states: list[dict], meta: dict, keep_last: int) -> Path:
-    """Write `step_{step}/` atomically: into `step_{step}.tmp/`, then one rename.
-
-    A crash while writing leaves only a `.tmp` directory, which `latest` ignores, so the previous
-    checkpoint stays the one to resume from. Model weights are saved unwrapped (no `module.` / `_orig_mod.`).
-    """
-    final, tmp = output_dir / f"step_{step}", output_dir / f"step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ranks": rank_states, "meta": meta}, tmp / "trainer_state.pt")
-    if final.exists():  # re-saving the same step after a resume
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (`.tmp` leftovers of a crash are not checkpoints)."""
-    found = [p for p in Path(output_dir).glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def resolve_resume(spec: str, output_dir: Path) -> Path | None:
-    if spec == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / "trainer_state.pt").is_file():
-        raise UserError(f"--resume-from-checkpoint {spec}: no trainer_state.pt there; give a step_N "
-                        "directory or 'latest'")
-    return path
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, world_size: int) -> dict:
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if len(state["ranks"]) != world_size:
-        raise UserError(f"{path} was written by {len(state['ranks'])} ranks but this run has {world_size}; "
-                        f"resume with the same number of processes (the data position is per rank)")
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    return state
-
-
 # --- logging ---------------------------------------------------------------------------------------------
 def setup_logging(log_dir: Path, rank: int) -> None:
     """One log file per rank; rank 0 also reports INFO on stderr, the others only warnings."""
@@ -497,7 +428,27 @@ def peak_flops(device: torch.device) -> float | None:
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 0 (preemption).
 
-    A second signal gets the default behaviour back, so a stuck run can still be interrupted.
+    Every step all-reduces the flag, so all ranks stop after the same step even when the signal reaches
+    them a step apart, and they all take part in the checkpoint's collectives.
+
+    A repeated SIGTERM is only logged: under SLURM a worker gets it twice at once (srun signals every
+    process of the job step, and torchrun forwards its own copy), and dying on the second would lose the
+    checkpoint. The senders escalate to SIGKILL on their own. A second SIGINT (Ctrl-C twice) gets the
+    default behaviour back, so an interactive run that hangs can still be interrupted.
+
+    What a user sees:
+    - one process: exit status 0 and "stopped at step N; continue with --resume-from-checkpoint latest".
+    - torchrun: its agent catches SIGTERM/SIGINT (also SIGHUP, SIGQUIT; see --signals-to-handle), sends the
+      same signal to each worker's process group, waits up to --shutdown-timeout seconds (default 30, or
+      $TORCH_ELASTIC_SHUTDOWN_TIMEOUT) for all of them, SIGKILLs the rest and then re-raises: torchrun
+      prints a SignalException traceback and exits with status 1 even though every worker exited 0 with a
+      complete checkpoint. Judge the run by the workers' logs (log/debug_{rank}.log: "stopped at step N")
+      or the newest step_N/, not by torchrun's status. If finishing a step plus writing the checkpoint
+      takes longer than 30 s (gpt2-xl: ~25 GB of weights and optimizer state), raise --shutdown-timeout.
+    - SLURM: on scancel or the time limit, srun sends SIGTERM to every task process, then SIGKILL after
+      the cluster's KillWait (often 30 s; `scontrol show config | grep KillWait`). Ask for an earlier
+      warning with `#SBATCH --signal=TERM@120` so the checkpoint fits, and requeue with
+      --resume-from-checkpoint latest.
     """
 
     def __init__(self) -> None:
@@ -505,9 +456,14 @@ class StopRequest:
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning("received %s again: still finishing this step, then checkpointing", name)
+        else:
+            log.warning("received %s: finishing this step, then checkpointing", name)
         self.requested = True
-        log.warning("received %s: finishing this step, then checkpointing", signal.Signals(signum).name)
-        self.restore()
+        if signum == signal.SIGINT:
+            self.restore()
 
     def restore(self) -> None:
         for s, h in self._old.items():
@@ -607,16 +563,7 @@ def _train(args: argparse.Namespace, di: DistInfo) -> dict:
         return loss, ppl
 
     def checkpoint() -> None:
-        # Every rank's RNG and data position go into rank 0's checkpoint. They travel as torch.save bytes:
-        # gather_object's own pickling of tensors fails on CPU storages in recent torch.
-        buf = io.BytesIO()
-        torch.save({"rng": rng_state(), "data": train_data.state_dict()}, buf)
-        gathered = [None] * di.world_size if di.is_main else None
-        if di.enabled:
-            dist.gather_object(buf.getvalue(), gathered, dst=0)
-        else:
-            gathered = [buf.getvalue()]
-        states = [torch.load(io.BytesIO(b), weights_only=True) for b in gathered] if di.is_main else []
+        states = gather_rank_states({"rng": rng_state(), "data": train_data.state_dict()}, di.world_size)
         if di.is_main:
             path = save_checkpoint(output_dir, step, raw_model, optimizer, scheduler, scaler, states,
                                    {"world_size": di.world_size, "args": plain_args(args)}, args.keep_last)

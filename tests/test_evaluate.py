@@ -340,3 +340,82 @@ def test_validation_shards_are_picked_out_of_a_corpus_directory(tmp_path):
     assert [s.path.name for s in ev.validation_sources(tmp_path)] == ["file-000000000002_validation.json"]
     single = tmp_path / "file-000000000000.json"
     assert [s.path for s in ev.validation_sources(single)] == [single]
+
+
+# --- under torchrun: 2 ranks (gloo on CPU) must give what 1 process gives -------------------------
+def _torchrun(*argv: str, cwd) -> str:
+    """`python -m torch.distributed.run --nproc_per_node=2 -m minicodeparrot ...`; returns stdout."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"  # what torchrun sets anyway; the 1-process runs below use 1 thread too
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "minicodeparrot", *argv]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _one_thread_cli(argv: list[str]) -> None:
+    """cli.main in this process with 1 intra-op thread, as each torchrun rank has: same float sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_humaneval_generation_under_torchrun_gathers_exactly_the_single_process_samples(
+        tiny_model_dir, tmp_path, capsys):
+    # Seeds depend on the task index, not on the rank, so the gathered file is byte-identical:
+    # 3 tasks over 2 ranks (rank 0 takes tasks 0 and 2, rank 1 task 1), back in problem order.
+    common = ["humaneval", "--model", str(tiny_model_dir), "--generate-only", "--limit", "3",
+              "--n-samples", "2", "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]
+    printed = _torchrun(*common, "--output-dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert "generated 6 samples for 3 tasks" in printed and "2 rank(s)" in printed
+    assert printed.count("generated") == 1  # only rank 0 reports and writes
+    _one_thread_cli(common + ["--output-dir", str(tmp_path / "one")])
+    assert "1 rank(s)" in capsys.readouterr().out
+    one = (tmp_path / "one" / "samples.jsonl").read_bytes()
+    two = (tmp_path / "two" / "samples.jsonl").read_bytes()
+    rows = [json.loads(line) for line in one.decode().splitlines()]
+    assert [r["task_id"] for r in rows] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2 + ["HumanEval/2"] * 2
+    assert len({r["raw"] for r in rows}) == 6  # real, distinct samples: the comparison below can fail
+    assert two == one
+
+
+def test_evaluate_loss_under_torchrun_reduces_sums_across_ranks(tiny_model_dir, tmp_path):
+    import random
+
+    from minicodeparrot.tokenizer import Tokenizer
+
+    # Every record is exactly 1 or 2 blocks (its tokens + <|endoftext|> = 16 or 32), so packing per
+    # rank cuts the same blocks as packing everything in one process and drops nothing. The 7 lines
+    # deal unevenly (rank 0: 5 blocks, rank 1: 4), so a mean of per-rank means would differ.
+    tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
+    words = [" the", " of", " def", " return", " x", " self", " import", " for", " in", " if", " None"]
+    rng = random.Random(0)
+    blocks_per_record = [1, 2, 1, 1, 2, 1, 1]
+    records = []
+    for k in blocks_per_record:
+        text = "x" + "".join(rng.choice(words) for _ in range(16 * k - 2))
+        assert len(tokenizer.encode(text)) == 16 * k - 1
+        records.append({"content": text})
+    data = tmp_path / "file-000000000001_validation.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Batch size 1: every block's loss is computed alone in both runs, so only the float64 sums differ.
+    common = ["evaluate-loss", "--model", str(tiny_model_dir), "--dataset", str(data), "--seq-length", "16",
+              "--batch-size", "1", "--no-progress"]
+    printed = _torchrun(*common, "--output", str(tmp_path / "two.json"), cwd=tmp_path)
+    assert "2 rank(s)" in printed
+    _one_thread_cli(common + ["--output", str(tmp_path / "one.json")])
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["tokens"] == two["tokens"] == sum(blocks_per_record) * 15
+    assert one["batches"] == two["batches"] == sum(blocks_per_record)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-6)
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-6)

@@ -1,4 +1,4 @@
-"""The training loop: optimizer groups, schedule, DDP and accumulation maths, checkpoints, resume, signals.
+"""The training loop: optimizer groups, schedule, DDP and accumulation maths, resume, signals.
 
 Everything runs on CPU with a 2-layer, 32-wide GPT on a small standard-library corpus. Subprocess runs use
 OMP_NUM_THREADS=1: the CI machine has 2 cores, and oversubscribed OpenMP threads slow tiny matmuls 10x.
@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minicodeparrot import train as T
+from minicodeparrot.checkpoint import list_checkpoints
 from minicodeparrot.errors import UserError
 from minicodeparrot.model import GPT, GPTConfig
 
@@ -278,7 +279,7 @@ def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
-    resumed_from = max(int(p.name.split("_")[1]) for p in T.list_checkpoints(cut))
+    resumed_from = max(int(p.name.split("_")[1]) for p in list_checkpoints(cut))
     assert resumed_from < 16
     again = subprocess.run([sys.executable, "-m", "minicodeparrot.train",
                             *_args(work, cut, *common, "--resume-from-checkpoint", "latest")],
@@ -294,7 +295,7 @@ def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
         assert cut_loss[s] == ref_loss[s], s  # bitwise, not approx
     assert cut_eval == ref_eval
     assert (cut / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
-    assert [p.name for p in T.list_checkpoints(cut)] == ["step_12", "step_16"]  # --keep-last 2
+    assert [p.name for p in list_checkpoints(cut)] == ["step_12", "step_16"]  # --keep-last 2
 
 
 def test_sigterm_checkpoints_and_exits_zero(work, tmp_path):
@@ -312,49 +313,67 @@ def test_sigterm_checkpoints_and_exits_zero(work, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "stopped at step" in err
     last_step = max(_metrics(out)[0])
-    assert [p.name for p in T.list_checkpoints(out)] == [f"step_{last_step}"]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{last_step}"]
     assert torch.load(out / f"step_{last_step}" / "trainer_state.pt", weights_only=True)["step"] == last_step
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model = _tiny_gpt()
-    opt = T.make_optimizer(model, 1e-3, 0.1)
-    sched = T.make_scheduler(opt, 1, 10, "cosine")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ranks = [{"rng": T.rng_state(), "data": {"epoch": 0}}]
-    T.save_checkpoint(tmp_path, 1, model, opt, sched, scaler, ranks, {}, keep_last=3)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
+def test_torchrun_sigterm_checkpoints_every_rank_and_resumes(work, tmp_path):
+    # torchrun forwards SIGTERM to each worker, waits --shutdown-timeout (30 s) for them, then SIGKILLs.
+    out = tmp_path / "ddp_term"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "minicodeparrot.train"]
+    common = ("--save-checkpoint-steps", "1000", "--max-eval-steps", "1")
+    proc = subprocess.Popen([*torchrun, *_args(work, out, "--max-train-steps", "1000", *common)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    # torchrun re-raises the signal as SignalException after its workers are gone: non-zero status...
+    assert proc.returncode != 0 and "SignalException" in err, err[-3000:]
+    # ...but the workers stopped by themselves, in time, at the same step, each after saying so.
+    assert "forcefully exiting" not in err, err[-3000:]
+    last_step = max(_metrics(out)[0])
+    for rank in range(2):
+        text = (out / "log" / f"debug_{rank}.log").read_text()
+        assert "received SIGTERM" in text and f"stopped at step {last_step} by a signal" in text, text[-2000:]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{last_step}"]
+    ckpt = out / f"step_{last_step}"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == last_step and len(state["ranks"]) == 2
+    data = [r["data"] for r in state["ranks"]]  # each rank's own stream position and shuffle buffer
+    assert [d["source"]["yielded"] for d in data] == [last_step * 4 + 8] * 2  # batch 4, --shuffle-buffer 8
+    assert not torch.equal(data[0]["buffer"], data[1]["buffer"])  # different files per rank
+    assert state["ranks"][0]["rng"]["torch"].ne(state["ranks"][1]["rng"]["torch"]).any()
+    weights = torch.load(ckpt / "model.pt", weights_only=True)
+    GPT(GPTConfig(vocab_size=weights["transformer.wte.weight"].shape[0], **TINY)).load_state_dict(weights)
 
-    real_save, n = torch.save, []
+    again = subprocess.run([*torchrun, *_args(work, out, "--max-train-steps", str(last_step + 2), *common,
+                                              "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {last_step}" in again.stderr
+    losses, _ = _metrics(out)
+    assert max(losses) == last_step + 2 and all(math.isfinite(losses[s]) for s in losses)
+    assert (out / "model.safetensors").is_file()
 
-    def dying_save(obj, path, *a, **k):
-        n.append(path)
-        if len(n) == 2:
-            raise OSError("disk full")
-        real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError):
-        T.save_checkpoint(tmp_path, 2, model, opt, sched, scaler, ranks, {}, keep_last=3)
-    monkeypatch.undo()
-    assert (tmp_path / "step_2.tmp").exists() and not (tmp_path / "step_2").exists()
-    latest = T.resolve_resume("latest", tmp_path)
-    assert latest == tmp_path / "step_1"
-    fresh = _tiny_gpt(seed=5)
-    opt2 = T.make_optimizer(fresh, 1e-3, 0.1)
-    state = T.load_checkpoint(latest, fresh, opt2, T.make_scheduler(opt2, 1, 10, "cosine"), scaler, 1)
-    assert state["step"] == 1
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, saved[k])
-    for step in (2, 3, 4):  # a later save replaces the leftover .tmp; keep_last prunes the oldest
-        T.save_checkpoint(tmp_path, step, model, opt, sched, scaler, ranks, {}, keep_last=2)
-    assert [p.name for p in T.list_checkpoints(tmp_path)] == ["step_3", "step_4"]
-    with pytest.raises(UserError, match="written by 1 ranks"):
-        T.load_checkpoint(tmp_path / "step_4", fresh, opt2, T.make_scheduler(opt2, 1, 10, "cosine"),
-                          scaler, 2)
+def test_repeated_sigterm_does_not_kill_a_stopping_run():
+    # Under SLURM a worker gets SIGTERM from srun and again from torchrun: the second must not kill it.
+    default, reached_default = signal.getsignal(signal.SIGTERM), []
+    signal.signal(signal.SIGTERM, lambda *_: reached_default.append(1))  # stands in for "terminate"
+    try:
+        stop = T.StopRequest()
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes
+        stop.restore()
+        assert stop.requested and not reached_default
+    finally:
+        signal.signal(signal.SIGTERM, default)
 
 
 def test_non_finite_loss_stops_naming_the_step(work, tmp_path, monkeypatch):
