@@ -199,6 +199,9 @@ def _merge_loop(words: list[list[int]], counts: list[int], id_to_token: list[str
         merges.append((a, b))
         bar.update(1)
 
+        # Rewrite every word holding the pair. The left- and right-neighbour updates below are spelled out
+        # twice on purpose: this is the innermost loop of training, and a helper call per update is a
+        # measurable cost in CPython.
         grown: set[int] = set()
         for wi in where.pop(key):
             w = words[wi]
