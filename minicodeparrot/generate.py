@@ -92,6 +92,10 @@ def generate_continuations(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    # A stop string is looked for when the token that completes it arrives, so only the newest tokens need
+    # decoding: every token is at least one byte, so a string of b UTF-8 bytes ends in the last b tokens.
+    # (Decoding the whole continuation every step would make generation quadratic in its length.)
+    tail = max((len(s.encode("utf-8")) for s in stop_strings), default=0) if stop_strings else 0
     was_training = model.training
     model.eval()
 
@@ -110,7 +114,7 @@ def generate_continuations(
                 if tok == eos_token_id:
                     finished[i] = True
                 elif stop_strings:
-                    text = tokenizer.decode(out[row])
+                    text = tokenizer.decode(out[row][-tail:])
                     finished[i] = any(s in text for s in stop_strings)
             if finished.all():
                 break
@@ -130,29 +134,23 @@ def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     num_return_sequences: int = 1,
     eos_token_id: int | None = None,
-    stop_strings: list[str] | None = None,
-    tokenizer=None,
-    use_cache: bool = True,
-    seed: int | None = None,
     pad_token_id: int | None = None,
+    **sampling,
 ) -> torch.LongTensor:
     """Prompt + continuation of every row, (batch * num_return_sequences, prompt + longest continuation).
 
-    Rows that stopped early are right-padded with pad_token_id (default: eos_token_id, else 0), like
-    transformers' `generate`. All prompts in `input_ids` share one length; see `generate_texts` for more.
+    `sampling` takes the other options of `generate_continuations` (do_sample, temperature, top_k, top_p,
+    stop_strings, tokenizer, use_cache, seed). Rows that stopped early are right-padded with pad_token_id
+    (default: eos_token_id, else 0), like transformers' `generate`. All prompts in `input_ids` share one
+    length; see `generate_texts` for more.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     conts = generate_continuations(
-        model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-        stop_strings=stop_strings, tokenizer=tokenizer, use_cache=use_cache, seed=seed,
+        model, input_ids, max_new_tokens, num_return_sequences=num_return_sequences,
+        eos_token_id=eos_token_id, **sampling,
     )
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     width = max(len(c) for c in conts)
