@@ -425,15 +425,17 @@ def _evaluate_loss(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from minicodeparrot.evaluate import evaluate_loss, init_distributed, validation_sources
+    from minicodeparrot.evaluate import evaluate_loss, validation_sources
     from minicodeparrot.model import GPT
     from minicodeparrot.packing import ConstantLengthDataset
     from minicodeparrot.shards import ShardStream
     from minicodeparrot.tokenizer import Tokenizer
+    from minicodeparrot.train import setup_distributed
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    rank, world, device = init_distributed()
+    di = setup_distributed()
+    rank, world, device = di.rank, di.world_size, di.device
     model = GPT.from_pretrained(args.model).to(device)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     seq_length = args.seq_length or model.config.n_positions
@@ -528,8 +530,10 @@ def _humaneval(args: argparse.Namespace) -> None:
 
         from minicodeparrot.model import GPT
         from minicodeparrot.tokenizer import Tokenizer
+        from minicodeparrot.train import setup_distributed
 
-        rank, world, device = ev.init_distributed()
+        di = setup_distributed()
+        rank, world, device = di.rank, di.world_size, di.device
         model = GPT.from_pretrained(args.model).to(device)
         tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
         gen = {k: getattr(args, k) for k in ("n_samples", "batch_size", "max_new_tokens", "temperature",

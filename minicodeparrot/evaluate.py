@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -203,20 +204,6 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) -- starts the process group when run under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    rank, world = _dist()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
 def generate_samples(
     model,
     tokenizer,
@@ -312,11 +299,13 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = -1) -> dict:
+def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = -1, autocast=None) -> dict:
     """Token-mean loss over `batches` of input ids (labels = inputs, shifted inside the model).
 
     Sums, not means, are accumulated and all-reduced, so a smaller last batch or a rank with less
-    data weighs exactly by its token count. `max_eval_steps` < 0 means the whole split.
+    data weighs exactly by its token count (averaging rank 0's batches alone would not be the
+    validation loss). `max_eval_steps` < 0 means the whole split. The training loop calls this too,
+    with its mixed-precision `autocast` context.
     """
     rank, world = _dist()
     device = next(model.parameters()).device
@@ -327,7 +316,8 @@ def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = 
         if 0 <= max_eval_steps <= step:
             break
         batch = batch.to(device)
-        _, loss = model(batch, labels=batch)
+        with autocast or nullcontext():
+            _, loss = model(batch, labels=batch)
         n_predicted = batch.size(0) * (batch.size(1) - 1)
         totals[0] += loss.double() * n_predicted
         totals[1] += n_predicted
@@ -337,7 +327,8 @@ def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = 
     model.train(was_training)
     loss_sum, tokens, steps = totals.tolist()
     if tokens == 0:
-        raise UserError("the evaluation data gave no full sequence; use more data or a smaller --seq-length")
+        raise UserError("the evaluation data gave no full sequence on any rank; use more validation data "
+                        "or a smaller --seq-length")
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(tokens), "batches": int(steps),
             "world_size": world}

@@ -46,6 +46,7 @@ from minicodeparrot.checkpoint import (
     set_rng_state,
 )
 from minicodeparrot.errors import UserError
+from minicodeparrot.evaluate import evaluate_loss
 
 log = logging.getLogger("minicodeparrot.train")
 
@@ -356,38 +357,6 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
     return total / k
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, autocast, max_eval_steps: int = -1) -> tuple[float, float]:
-    """Mean validation loss over all ranks' sequences and its perplexity (inf when exp overflows).
-
-    Sums and counts are all-reduced rather than averaging rank 0's batches: ranks may hold different
-    amounts of validation data, and rank 0 alone is not the validation set.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for i, batch in enumerate(batches):
-        if 0 < max_eval_steps <= i:
-            break
-        batch = batch.to(device)
-        with autocast:
-            _, loss = model(batch, labels=batch)
-        sums[0] += loss.double() * batch.size(0)
-        sums[1] += batch.size(0)
-    model.train(was_training)
-    all_reduce_sum(sums)
-    if sums[1] == 0:
-        raise UserError("the validation data gave no sequence of --seq-length tokens on any rank; "
-                        "use a larger --dataset-name-valid or a smaller --seq-length")
-    loss = (sums[0] / sums[1]).item()
-    try:
-        perplexity = math.exp(loss)
-    except OverflowError:
-        perplexity = float("inf")
-    return loss, perplexity
-
-
 def valid_batches(data, batch_size: int, device: torch.device):
     it = iter(data)
     while (batch := next_batch(it, batch_size)) is not None:
@@ -553,8 +522,9 @@ def _train(args: argparse.Namespace, di: DistInfo) -> dict:
 
     def run_eval() -> tuple[float, float]:
         data = build_valid_data(args, tokenizer, di.rank, di.world_size)
-        loss, ppl = evaluate(raw_model, valid_batches(data, args.valid_batch_size, di.device), autocast,
-                             args.max_eval_steps)
+        metrics = evaluate_loss(raw_model, valid_batches(data, args.valid_batch_size, di.device),
+                                args.max_eval_steps, autocast)
+        loss, ppl = metrics["loss"], metrics["perplexity"]
         log.info("step %d: eval loss %.4f, perplexity %.2f", step, loss, ppl)
         if writer is not None:
             writer.add_scalar("loss/eval", loss, step)

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minicodeparrot import train as T
 from minicodeparrot.checkpoint import list_checkpoints
 from minicodeparrot.errors import UserError
+from minicodeparrot.evaluate import evaluate_loss
 from minicodeparrot.model import GPT, GPTConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -196,7 +197,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     # Evaluation over uneven shares: rank 0 holds 3 sequences, rank 1 one.
     data = torch.cat(_batches(1, 4, seed=7))
     mine = [data[:3]] if rank == 0 else [data[3:]]
-    eval_loss, _ = T.evaluate(model.module, iter(mine), off)
+    eval_loss = evaluate_loss(model.module, iter(mine), autocast=off)["loss"]
     if rank == 0:
         torch.save({"calls_accum": n_accum, "calls_single": len(calls), "eval": eval_loss}, out)
     model.zero_grad()
@@ -224,7 +225,7 @@ def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
     for n, g in res["grads"].items():
         torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-7)
     data = torch.cat(_batches(1, 4, seed=7))
-    ref_eval, _ = T.evaluate(_tiny_gpt(seed=0), iter([data]), torch.autocast("cpu", enabled=False))
+    ref_eval = evaluate_loss(_tiny_gpt(seed=0), iter([data]))["loss"]
     assert res["eval"] == pytest.approx(ref_eval, rel=1e-6)
 
 
