@@ -17,9 +17,7 @@ like the CodeParrot filters; skipped files are counted and reported, never silen
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minicodeparrot.errors import UserError
+from minicodeparrot.shards import ShardFileWriter
 
 MIN_BYTES = 1024
 MAX_BYTES = 1 << 20
@@ -75,13 +74,10 @@ def _is_validation(repo_name: str, rel_path: str, fraction: float) -> bool:
 
 
 def _write_shard(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # mtime=0: the same inputs give byte-identical shards.
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        for rec in records:
-            gz.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
-    tmp.replace(path)
+    shard = ShardFileWriter(path)
+    for rec in records:
+        shard.write(rec)
+    shard.close()
 
 
 def build_corpus(output_dir: str | Path, sources: list[str | Path] | None = None,

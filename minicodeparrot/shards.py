@@ -19,6 +19,7 @@ file and line, and with `strict=True` it is fatal.
 from __future__ import annotations
 
 import glob
+import gzip
 import itertools
 import json
 import os
@@ -263,6 +264,34 @@ def iter_texts(spec: Any, n: int | None = None, text_field: str = "content") -> 
         if n is not None and i >= n:
             return
         yield record[text_field]
+
+
+class ShardFileWriter:
+    """Write one codeparrot-format shard: gzipped JSON lines, one record per line.
+
+    The file is written under a `.tmp` name and renamed when closed, so a crash never leaves a
+    truncated shard that looks complete to a later reader. mtime=0 in the gzip header makes the same
+    records give identical bytes; level 6 (as the original's compress step) is ~3x faster than the
+    default 9 for files ~1% larger. `surrogatepass` keeps lone surrogates that JSON input may carry.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._raw = open(self._tmp, "wb")  # noqa: SIM115 -- closed in close()
+        self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6, mtime=0)
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self._gz.write(json.dumps(record, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+        self.count += 1
+
+    def close(self) -> Path:
+        self._gz.close()
+        self._raw.close()
+        self._tmp.replace(self.path)
+        return self.path
 
 
 def distributed_rank() -> tuple[int, int]:
