@@ -204,6 +204,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     T.accumulate_gradients(model, micro[rank::world], off, scaler)
     if rank == 0:
         torch.save({**torch.load(out), "grads": _grads(model.module)}, out)
+    # Tear down in order: both ranks done, then the DDP reducer (it holds the process group), then the
+    # group. Destroying the group under a live reducer, or while the peer is still mid-collective, can
+    # abort the process in gloo's C++ teardown ("terminate called without an active exception").
+    dist.barrier()
+    del model
     dist.destroy_process_group()
 
 
