@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minicodeparrot.dist import is_distributed
 from minicodeparrot.errors import UserError
 
 
@@ -115,7 +116,7 @@ def gather_rank_states(local: dict, world_size: int) -> list[dict]:
     """
     buf = io.BytesIO()
     torch.save(local, buf)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         gathered = [None] * world_size if dist.get_rank() == 0 else None
         dist.gather_object(buf.getvalue(), gathered, dst=0)
     else:

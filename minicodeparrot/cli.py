@@ -425,12 +425,12 @@ def _evaluate_loss(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
+    from minicodeparrot.dist import setup_distributed, teardown_distributed
     from minicodeparrot.evaluate import evaluate_loss, validation_sources
     from minicodeparrot.model import GPT
     from minicodeparrot.packing import ConstantLengthDataset
     from minicodeparrot.shards import ShardStream
     from minicodeparrot.tokenizer import Tokenizer
-    from minicodeparrot.train import setup_distributed
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
@@ -461,8 +461,7 @@ def _evaluate_loss(args: argparse.Namespace) -> None:
         if args.output:
             with open(args.output, "w") as f:
                 f.write(json.dumps(result, indent=2) + "\n")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    teardown_distributed()
 
 
 def _add_humaneval(sub: argparse._SubParsersAction) -> None:
@@ -526,11 +525,10 @@ def _humaneval(args: argparse.Namespace) -> None:
             print(f"skipped {skipped} samples of tasks beyond --limit {args.limit}")
         info["samples_file"] = str(args.samples)
     else:
-        import torch
 
+        from minicodeparrot.dist import setup_distributed, teardown_distributed
         from minicodeparrot.model import GPT
         from minicodeparrot.tokenizer import Tokenizer
-        from minicodeparrot.train import setup_distributed
 
         di = setup_distributed()
         rank, world, device = di.rank, di.world_size, di.device
@@ -539,8 +537,7 @@ def _humaneval(args: argparse.Namespace) -> None:
         gen = {k: getattr(args, k) for k in ("n_samples", "batch_size", "max_new_tokens", "temperature",
                                               "top_p", "top_k", "seed")}
         samples, timing = ev.generate_samples(model, tokenizer, problems, show_progress=show, **gen)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        teardown_distributed()
         if rank != 0:
             return
         out.mkdir(parents=True, exist_ok=True)

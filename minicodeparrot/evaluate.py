@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minicodeparrot.dist import all_gather_objects, all_reduce_sum, rank_and_world
 from minicodeparrot.errors import UserError
 from minicodeparrot.generate import STOP_STRINGS as HUMANEVAL_STOP_STRINGS  # the harness's EOF strings
 
@@ -198,12 +199,6 @@ def remove_last_block(text: str, stop_strings: Sequence[str] = HUMANEVAL_STOP_ST
     return "".join(parts[:-2])
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def generate_samples(
     model,
     tokenizer,
@@ -232,7 +227,7 @@ def generate_samples(
 
     from minicodeparrot.generate import generate
 
-    rank, world = _dist()
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
     task_ids = list(problems)
     mine = list(range(rank, len(task_ids), world))
@@ -266,8 +261,7 @@ def generate_samples(
                 local.append({"task_id": task_id, "completion": remove_last_block(text), "raw": text})
     seconds = time.perf_counter() - start
     if world > 1:
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, (local, seconds, cropped, too_long))
+        gathered = all_gather_objects((local, seconds, cropped, too_long))
         local = [s for part in gathered for s in part[0]]
         seconds = max(part[1] for part in gathered)  # wall clock: the slowest rank
         cropped, too_long = sum(part[2] for part in gathered), sum(part[3] for part in gathered)
@@ -307,7 +301,7 @@ def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = 
     validation loss). `max_eval_steps` < 0 means the whole split. The training loop calls this too,
     with its mixed-precision `autocast` context.
     """
-    rank, world = _dist()
+    rank, world = rank_and_world()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -322,8 +316,7 @@ def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = 
         totals[0] += loss.double() * n_predicted
         totals[1] += n_predicted
         totals[2] += 1
-    if world > 1:
-        torch.distributed.all_reduce(totals)
+    all_reduce_sum(totals)
     model.train(was_training)
     loss_sum, tokens, steps = totals.tolist()
     if tokens == 0:

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from minicodeparrot.dist import rank_and_world
 from minicodeparrot.errors import UserError
 
 DATA_SUFFIXES = (".json.gz", ".jsonl.gz", ".json", ".jsonl")
@@ -294,14 +295,6 @@ class ShardFileWriter:
         return self.path
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed once initialised, else from torchrun's RANK/WORLD_SIZE,
-    so that datasets built before init_process_group already split correctly."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def consumer_index(split_by_rank: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
     """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers.
 
@@ -310,7 +303,7 @@ def consumer_index(split_by_rank: bool, rank: int | None, world_size: int | None
     """
     r, world = 0, 1
     if split_by_rank:
-        r, world = distributed_rank()
+        r, world = rank_and_world()
         r = rank if rank is not None else r
         world = world_size if world_size is not None else world
     if not 0 <= r < world:

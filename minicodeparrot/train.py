@@ -20,20 +20,17 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -44,6 +41,14 @@ from minicodeparrot.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+)
+from minicodeparrot.dist import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    is_distributed,
+    setup_distributed,
+    teardown_distributed,
 )
 from minicodeparrot.errors import UserError
 from minicodeparrot.evaluate import evaluate_loss
@@ -122,46 +127,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 def plain_args(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments as JSON/checkpoint-safe values (no handler function)."""
     return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
-
-
-# --- distributed -----------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-
-def setup_distributed() -> DistInfo:
-    """Read torchrun's environment; without it, run as one process on the first GPU (or the CPU)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(0, 0, 1, torch.device("cuda" if cuda else "cpu"))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group(backend="gloo")
-    return DistInfo(rank, local_rank, world, device)
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 # --- model -----------------------------------------------------------------------------------------------
@@ -453,8 +418,7 @@ def train(args: argparse.Namespace) -> dict:
     try:
         return _train(args, di)
     finally:
-        if di.enabled:
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 def _train(args: argparse.Namespace, di: DistInfo) -> dict:
@@ -478,7 +442,7 @@ def _train(args: argparse.Namespace, di: DistInfo) -> dict:
     raw_model.to(di.device)
     torch.manual_seed(args.seed + di.rank)  # but different dropout masks per rank
     model: nn.Module = torch.compile(raw_model) if args.compile else raw_model
-    if di.enabled:
+    if is_distributed():
         model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None)
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
@@ -538,8 +502,7 @@ def _train(args: argparse.Namespace, di: DistInfo) -> dict:
             path = save_checkpoint(output_dir, step, raw_model, optimizer, scheduler, scaler, states,
                                    {"world_size": di.world_size, "args": plain_args(args)}, args.keep_last)
             log.info("saved checkpoint %s", path)
-        if di.enabled:
-            dist.barrier()
+        barrier()
 
     stop = StopRequest()
     bar = None
@@ -626,8 +589,7 @@ def _train(args: argparse.Namespace, di: DistInfo) -> dict:
             if writer is not None:
                 hparams = {k: v for k, v in plain_args(args).items() if v is not None}
                 writer.add_hparams(hparams, {"hparam/eval_loss": result["eval_loss"]}, run_name="hparams")
-        if di.enabled:
-            dist.barrier()
+        barrier()
         return result
     finally:
         stop.restore()
