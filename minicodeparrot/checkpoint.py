@@ -4,23 +4,27 @@
 
     model.pt            the unwrapped model's state_dict (no DDP `module.` or torch.compile `_orig_mod.`
                         prefix), so it loads into a plain GPT whatever wrapped the model during training
-    optimizer.pt        AdamW's moments and step counts
-    trainer_state.pt    step, LR scheduler, GradScaler, the run's arguments, and one entry per rank with that
-                        rank's RNG states (python, numpy, torch, cuda) and data-stream position
+    optimizer.pt        AdamW's moments and step counts; with --zero (each rank holds only its shard of
+                        them) one optimizer_rank{r}.pt per rank instead
+    trainer_state.pt    step, LR scheduler, GradScaler, the world size and the run's arguments
+    rank_{r}.pt         one per rank: that rank's RNG states (python, numpy, torch, cuda) and data position
 
-Why each piece. The data position and RNG are per rank because every rank reads its own part of the stream
-and draws its own dropout masks: restoring rank 0's state everywhere would replay rank 0's data on all ranks.
-With all of it restored, a run on CPU killed with SIGKILL and resumed gives bit-identical losses.
+Why per rank. Every rank reads its own part of the stream and draws its own dropout masks: restoring rank
+0's state everywhere would replay rank 0's data on all ranks. Each rank writes its own file, so nothing is
+gathered onto rank 0 (and, under NCCL, nothing travels through GPU memory). With all of it restored, a run
+on CPU killed with SIGKILL and resumed gives bit-identical losses.
 
-Why the rename. A checkpoint is written into `step_{N}.tmp/` and renamed to `step_{N}/` only when complete;
-the rename is atomic, so a crash (or a full disk) mid-save leaves a `.tmp` leftover that `latest` ignores,
-and the previous checkpoint stays the one to resume from. Only then are the oldest pruned to `--keep-last`:
-pruning first could leave no usable checkpoint at all.
+Why the rename. Everything is written into `step_{N}.tmp/`; after a barrier (every rank has written its
+files) rank 0 renames it to `step_{N}/`. The rename is atomic, so a crash (or a full disk) mid-save leaves
+a `.tmp` leftover that `latest` ignores, and the previous checkpoint stays the one to resume from. Only
+then are the oldest pruned to `--keep-last`: pruning first could leave no usable checkpoint at all.
+
+Multi-node runs: every rank writes into the same directory, so `--output-dir` must be on a filesystem that
+all nodes share (NFS, Lustre, a mounted bucket), as for any multi-node checkpoint.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
@@ -29,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from minicodeparrot.dist import is_distributed
+from minicodeparrot.dist import barrier
 from minicodeparrot.errors import UserError
 
 
@@ -55,26 +58,50 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, scaler,
-                    rank_states: list[dict], meta: dict, keep_last: int) -> Path:
-    """Write `step_{step}/` atomically: into `step_{step}.tmp/`, then one rename.
+def is_sharded(optimizer) -> bool:
+    """True for torch's ZeroRedundancyOptimizer: each rank holds only its own shard of the state."""
+    return hasattr(optimizer, "optim") and hasattr(optimizer, "consolidate_state_dict")
 
-    A crash while writing leaves only a `.tmp` directory, which `latest` ignores, so the previous
-    checkpoint stays the one to resume from. Model weights are saved unwrapped (no `module.` / `_orig_mod.`).
-    """
+
+def _optimizer_shard(optimizer) -> dict:
+    # The wrapper's param_groups carry the LR the scheduler set; the local optimizer gets them copied in
+    # at each step, so both are saved: the local state and the wrapper's hyperparameters.
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return {"local": optimizer.optim.state_dict(), "groups": groups}
+
+
+def _load_optimizer_shard(optimizer, shard: dict) -> None:
+    optimizer.optim.load_state_dict(shard["local"])
+    for group, saved in zip(optimizer.param_groups, shard["groups"], strict=True):
+        group.update(saved)
+
+
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, scaler,
+                    rank_state: dict, meta: dict, keep_last: int, rank: int = 0, world_size: int = 1) -> Path:
+    """Write `step_{step}/` atomically. Collective: every rank calls it with its own `rank_state`."""
     final, tmp = output_dir / f"step_{step}", output_dir / f"step_{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ranks": rank_states, "meta": meta}, tmp / "trainer_state.pt")
-    if final.exists():  # re-saving the same step after a resume
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old)
+    if rank == 0:
+        if tmp.exists():  # the leftover of a crash at this very step
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()  # the directory exists before anyone writes into it
+    torch.save(rank_state, tmp / f"rank_{rank}.pt")
+    if is_sharded(optimizer):
+        torch.save(_optimizer_shard(optimizer), tmp / f"optimizer_rank{rank}.pt")
+    if rank == 0:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        if not is_sharded(optimizer):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "world_size": world_size, "meta": meta}, tmp / "trainer_state.pt")
+    barrier()  # every rank's files are on disk before the rename makes the checkpoint visible
+    if rank == 0:
+        if final.exists():  # re-saving the same step after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()  # nobody races ahead to a next save while rank 0 is still pruning
     return final
 
 
@@ -95,30 +122,25 @@ def resolve_resume(spec: str, output_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, world_size: int) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, rank: int = 0,
+                    world_size: int = 1) -> dict:
+    """Restore model, optimizer, schedule and scaler; return {"step", "rank_state" (this rank's)}."""
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if len(state["ranks"]) != world_size:
-        raise UserError(f"{path} was written by {len(state['ranks'])} ranks but this run has {world_size}; "
+    if state["world_size"] != world_size:
+        raise UserError(f"{path} was written by {state['world_size']} ranks but this run has {world_size}; "
                         f"resume with the same number of processes (the data position is per rank)")
+    sharded_file = path / f"optimizer_rank{rank}.pt"
+    if is_sharded(optimizer) != sharded_file.is_file():
+        saved, now = ("with", "without") if sharded_file.is_file() else ("without", "with")
+        raise UserError(f"{path} was saved {saved} --zero and this run is {now} it; resume with the same "
+                        "--zero setting (the optimizer state is laid out differently)")
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if is_sharded(optimizer):
+        _load_optimizer_shard(optimizer, torch.load(sharded_file, map_location="cpu", weights_only=True))
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
-    return state
-
-
-def gather_rank_states(local: dict, world_size: int) -> list[dict]:
-    """Every rank's `local` state, in rank order, on rank 0 (an empty list on the other ranks).
-
-    The states travel as torch.save bytes: gather_object's own pickling of tensors fails on CPU storages in
-    recent torch. Collective: every rank must call it.
-    """
-    buf = io.BytesIO()
-    torch.save(local, buf)
-    if is_distributed():
-        gathered = [None] * world_size if dist.get_rank() == 0 else None
-        dist.gather_object(buf.getvalue(), gathered, dst=0)
-    else:
-        gathered = [buf.getvalue()]
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in gathered] if gathered else []
+    rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
+    return {"step": state["step"], "meta": state["meta"], "rank_state": rank_state}

@@ -14,8 +14,10 @@ Python must go well below it.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -62,19 +64,29 @@ def _steps_for_budget(seconds: float, vocab_size: int, batch_size: int, seq_leng
     return max(20, int(0.75 * seconds / per_step))
 
 
+def _final_metrics(metrics_file: Path) -> dict:
+    """The last step and the last evaluation that `minicodeparrot train` wrote to metrics.jsonl."""
+    result: dict = {}
+    for line in metrics_file.read_text().splitlines():
+        entry = json.loads(line)
+        result["step"] = entry["step"]
+        if "eval_loss" in entry:
+            result.update(eval_loss=entry["eval_loss"], perplexity=entry["perplexity"])
+    return result
+
+
 def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.0, vocab_size: int = 8000,
              show_progress: bool = True) -> dict:
     import torch
 
     from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
-    from minicodeparrot.cli import build_parser
     from minicodeparrot.corpus import make_corpus
     from minicodeparrot.errors import UserError
     from minicodeparrot.generate import complete_code
     from minicodeparrot.model import GPT
     from minicodeparrot.shards import iter_texts
     from minicodeparrot.tokenizer import Tokenizer
-    from minicodeparrot.train import PRESETS, train
+    from minicodeparrot.train import PRESETS
 
     if minutes <= 0 or vocab_size < 300:
         raise UserError("--minutes must be > 0 and --vocab-size at least 300")
@@ -109,7 +121,8 @@ def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.
           file=sys.stderr)
     if model_dir.exists():
         shutil.rmtree(model_dir)  # a fresh run each time; `minicodeparrot train --resume...` continues one
-    argv = ["train", "--preset", "tiny", "--tokenizer", str(tok_dir),
+    # The demo runs the very command a user would type, in a child process.
+    argv = [sys.executable, "-m", "minicodeparrot", "train", "--preset", "tiny", "--tokenizer", str(tok_dir),
             "--dataset-name-train", str(corpus / "train"), "--dataset-name-valid", str(corpus / "valid"),
             "--output-dir", str(model_dir),
             "--max-train-steps", str(steps), "--num-warmup-steps", str(min(30, steps // 10)),
@@ -117,7 +130,9 @@ def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.
     if not show_progress:
         argv.append("--no-progress")
     t_train = time.perf_counter()
-    result = train(build_parser().parse_args(argv))
+    if subprocess.run(argv).returncode != 0:
+        raise UserError("the training step failed (its error is above)")
+    result = _final_metrics(model_dir / "metrics.jsonl")
     train_s = time.perf_counter() - t_train
 
     print("[4/4] completions (sampled as in the book: temperature 0.4, top-p 0.95, seed 42)", file=sys.stderr)

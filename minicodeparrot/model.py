@@ -24,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from minicodeparrot.errors import UserError
 
 PRESETS = {
+    # A model that learns in CPU minutes (the demo, the tiny run preset); no dropout at this size.
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0,
+                 resid_pdrop=0.0),
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),

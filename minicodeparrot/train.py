@@ -1,17 +1,27 @@
 """The pretraining loop: CodeParrot's `codeparrot_training.py`, in plain PyTorch DDP.
 
-Launch with `torchrun --nproc_per_node=8 -m minicodeparrot.train ...` (or `minicodeparrot train ...` for one
-process). Read top to bottom, one optimizer step is:
+Launch with `minicodeparrot train ...` (one process) or `torchrun --nproc_per_node=8 -m minicodeparrot train
+...` (DDP, the same arguments). `train(args)` reads top to bottom as four named steps:
+
+    run = set_up(args)                           # model, optimizer, data, logs; resume from a checkpoint
+    while step < max_train_steps:
+        stats = optimizer_step(run)              # accumulate micro-batches, clip, AdamW, LR schedule
+        log_metrics(step, stats)
+        every save_checkpoint_steps: evaluate(run), save(run)   # and on SIGTERM: save, then stop
+
+One optimizer step is:
 
     for each of gradient_accumulation_steps micro-batches:   # DDP all-reduce only on the last one
         loss = model(batch, labels=batch) / accumulation_steps; loss.backward()
     clip grads to 1.0; AdamW step; LR scheduler step (warmup, then cosine to 0)
 
-plus evaluation and a checkpoint every `save_checkpoint_steps` (what it holds, and why a resumed run on CPU
-reproduces the uninterrupted run's losses bit for bit: `minicodeparrot.checkpoint`).
+A GPU runs ahead of Python: kernels are queued and Python learns a value only when it asks for it
+(`.item()`, `.tolist()`, `float(t)`), which waits until the queue drains. The loop asks once per step, for
+one small tensor holding the loss, the grad norm and the stop flag together (`optimizer_step`).
 
-The command-line arguments live in `minicodeparrot.cli` (so `minicodeparrot --help` stays fast without
-importing torch); `main(argv)` parses them with the same parser.
+What a checkpoint holds, and why a resumed run on CPU reproduces the uninterrupted run's losses bit for
+bit: `minicodeparrot.checkpoint`. The command-line arguments live in `minicodeparrot.cli` (so `--help`
+stays fast without importing torch).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,17 +46,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minicodeparrot.checkpoint import (
-    gather_rank_states,
     load_checkpoint,
     resolve_resume,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
+from minicodeparrot.checkpoint import save_checkpoint as write_checkpoint
 from minicodeparrot.dist import (
     DistInfo,
     all_reduce_sum,
-    barrier,
     is_distributed,
     setup_distributed,
     teardown_distributed,
@@ -56,6 +65,8 @@ from minicodeparrot.evaluate import evaluate_loss
 log = logging.getLogger("minicodeparrot.train")
 
 # The book's two runs (NLP with Transformers, ch. 10), per GPU; and a model that learns in CPU minutes.
+# `model_options` are settings of the architecture that a run implies: the 1.5B run used Mistral's
+# stability tweaks (scale attention by 1/layer, softmax in fp32), without which bf16 training diverged.
 PRESETS: dict[str, dict[str, Any]] = {
     "codeparrot-small": dict(
         model_config="gpt2", train_batch_size=12, valid_batch_size=12, learning_rate=5e-4,
@@ -64,25 +75,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "codeparrot": dict(
         model_config="gpt2-xl", train_batch_size=2, valid_batch_size=2, learning_rate=2e-4,
         num_warmup_steps=750, max_train_steps=50_000, gradient_accumulation_steps=16,
-        gradient_checkpointing=True, mixed_precision="bf16", save_checkpoint_steps=5_000),
+        gradient_checkpointing=True, mixed_precision="bf16", save_checkpoint_steps=5_000, zero=True,
+        model_options=dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)),
     "tiny": dict(
         model_config="tiny", train_batch_size=8, valid_batch_size=16, learning_rate=3e-3,
         num_warmup_steps=30, max_train_steps=400, gradient_accumulation_steps=1, seq_length=128,
-        shuffle_buffer=5000, save_checkpoint_steps=200, mixed_precision="no"),
+        record_shuffle_buffer=5000, sequence_shuffle_buffer=5000, save_checkpoint_steps=200,
+        mixed_precision="no"),
 }
 # What the CodeParrot scripts default to when neither the user nor a preset says otherwise.
 DEFAULTS: dict[str, Any] = dict(
-    model_config="gpt2", train_batch_size=8, valid_batch_size=8, weight_decay=0.1, shuffle_buffer=10_000,
-    learning_rate=2e-4, lr_scheduler_type="cosine", num_warmup_steps=750, gradient_accumulation_steps=16,
-    max_train_steps=50_000, max_eval_steps=-1, seq_length=1024, seed=1, save_checkpoint_steps=1024,
-    keep_last=3, mixed_precision="no", gradient_checkpointing=False,
+    model_config="gpt2", train_batch_size=8, valid_batch_size=8, weight_decay=0.1,
+    record_shuffle_buffer=10_000, sequence_shuffle_buffer=10_000, learning_rate=2e-4,
+    lr_scheduler_type="cosine", num_warmup_steps=750, gradient_accumulation_steps=16, max_train_steps=50_000,
+    max_eval_steps=-1, seq_length=1024, seed=1, save_checkpoint_steps=1024, keep_last=3, mixed_precision="no",
+    gradient_checkpointing=False, zero=False, data_workers=0, prefetch=2,
 )
-# Extra model settings a preset implies: the 1.5B run used Mistral's stability tweaks.
-PRESET_MODEL_OVERRIDES = {
-    "codeparrot": dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
-}
-TINY_MODEL = dict(n_layer=4, n_head=4, n_embd=128, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-MODEL_PRESETS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Longest key first: "H100 PCIe" before "H100".
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -90,17 +98,23 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 
 # --- arguments -------------------------------------------------------------------------------------------
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset arguments from the preset, then from DEFAULTS; reject impossible values in one line."""
-    preset = PRESETS.get(args.preset, {}) if args.preset else {}
+    """Fill unset arguments from the preset, then from DEFAULTS; reject impossible values in one line.
+
+    What was filled in is remembered in `args.notes`, to be logged once logging is set up.
+    """
     if args.preset and args.preset not in PRESETS:
         raise UserError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS.get(args.preset, {}) if args.preset else {}
+    given = {key for key in DEFAULTS if getattr(args, key, None) is not None}
     for key, default in DEFAULTS.items():
-        if getattr(args, key, None) is None:
+        if key not in given:
             setattr(args, key, preset.get(key, default))
+    args.model_options = preset.get("model_options", {})
+    args.notes = []
     if args.log_dir is None:
         args.log_dir = str(Path(args.output_dir) / "log")
     positive = ["train_batch_size", "valid_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                "seq_length", "save_checkpoint_steps", "keep_last"]
+                "seq_length", "save_checkpoint_steps", "keep_last", "prefetch"]
     for key in positive:
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -108,13 +122,20 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--learning-rate must be positive, got {args.learning_rate}")
     if args.weight_decay < 0:
         raise UserError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.num_warmup_steps > args.max_train_steps and "num_warmup_steps" not in given:
+        # The user shortened the run but never typed the preset's warmup: shorten the warmup with it.
+        args.notes.append(f"warmup {args.num_warmup_steps} steps (from the preset) is longer than "
+                          f"--max-train-steps {args.max_train_steps}: warming up over all "
+                          f"{args.max_train_steps} steps instead")
+        args.num_warmup_steps = args.max_train_steps
     if args.num_warmup_steps < 0 or args.num_warmup_steps > args.max_train_steps:
         raise UserError(f"--num-warmup-steps must be in [0, --max-train-steps={args.max_train_steps}], "
                         f"got {args.num_warmup_steps}")
     if args.max_eval_steps == 0 or args.max_eval_steps < -1:
         raise UserError(f"--max-eval-steps must be -1 (all data) or >= 1, got {args.max_eval_steps}")
-    if args.shuffle_buffer < 0:
-        raise UserError(f"--shuffle-buffer must be >= 0, got {args.shuffle_buffer}")
+    for key in ("record_shuffle_buffer", "sequence_shuffle_buffer", "data_workers"):
+        if getattr(args, key) < 0:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if args.max_bad_steps < 0:
         raise UserError(f"--max-bad-steps must be >= 0, got {args.max_bad_steps}")
     if not args.dataset_name_train or not args.dataset_name_valid:
@@ -125,24 +146,22 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as JSON/checkpoint-safe values (no handler function)."""
+    """The arguments as JSON/checkpoint-safe values (no handler function, no notes)."""
     return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
 
 
 # --- model -----------------------------------------------------------------------------------------------
-def build_model(model_config: str, vocab_size: int, seq_length: int, preset: str | None = None,
-                eos_token_id: int | None = None, pad_vocab: int = 1) -> nn.Module:
-    """A fresh GPT from a preset name or a config.json, or the weights of a model directory to continue."""
+def build_model(model_config: str, vocab_size: int, seq_length: int, eos_token_id: int | None = None,
+                pad_vocab: int = 1, model_options: dict | None = None) -> nn.Module:
+    """A fresh GPT from an architecture name or a config.json, or the weights of a model directory."""
     from minicodeparrot.model import GPT, GPTConfig
+    from minicodeparrot.model import PRESETS as ARCHITECTURES
 
     overrides = dict(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
-                     pad_vocab_size_multiple=pad_vocab, **PRESET_MODEL_OVERRIDES.get(preset or "", {}))
+                     pad_vocab_size_multiple=pad_vocab, **(model_options or {}))
     path = Path(model_config)
-    if model_config in MODEL_PRESETS and not path.exists():
-        if model_config == "tiny":
-            config = GPTConfig(n_positions=max(256, seq_length), **TINY_MODEL, **overrides)
-        else:
-            config = GPTConfig.from_preset(model_config, **overrides)
+    if model_config in ARCHITECTURES and not path.exists():
+        config = GPTConfig.from_preset(model_config, **overrides)
     elif path.is_file():
         try:
             d = json.loads(path.read_text())
@@ -162,11 +181,32 @@ def build_model(model_config: str, vocab_size: int, seq_length: int, preset: str
                             f"{vocab_size}; continue with the tokenizer it was trained with")
         config = model.config
     else:
-        raise UserError(f"--model-config {model_config!r} is neither a preset ({', '.join(MODEL_PRESETS)}), "
-                        "a config.json file, nor a model directory")
+        raise UserError(f"--model-config {model_config!r} is neither an architecture "
+                        f"({', '.join(ARCHITECTURES)}), a config.json file, nor a model directory")
     if config.n_positions < seq_length:
         raise UserError(f"--seq-length {seq_length} exceeds the model's n_positions={config.n_positions}")
     return model if path.is_dir() else GPT(config)
+
+
+def wrap_model(raw_model: nn.Module, di: DistInfo, compile: bool) -> nn.Module:
+    """DDP first, then torch.compile: the order decides whether the gradient all-reduce overlaps backward.
+
+    DDP all-reduces a bucket of gradients as soon as autograd has produced all of them. Compiled first and
+    then wrapped, the model's backward is one opaque graph that hands over every gradient at its very end,
+    so all communication waits for the whole backward. Wrapped first, dynamo sees the DDP module and
+    splits the graph at DDP's bucket boundaries ("DDPOptimizer"), so each bucket's all-reduce starts while
+    the rest of the backward still runs, as in eager mode.
+    """
+    model = raw_model
+    if is_distributed():
+        model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DDP) else model
 
 
 # --- optimizer and schedule ------------------------------------------------------------------------------
@@ -193,11 +233,25 @@ def decay_parameter_names(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, fused: bool = False):
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, fused: bool = False,
+                   zero: bool = False) -> torch.optim.Optimizer:
+    """AdamW with two groups (see decay_parameter_names); with `zero`, each rank keeps 1/world of its state.
+
+    AdamW keeps two fp32 moments per parameter: 12 GB for the 1.5B model, on top of 6 GB of weights and
+    6 GB of gradients, on every rank. torch's ZeroRedundancyOptimizer (ZeRO stage 1) gives each rank the
+    moments of its own slice of the parameters; after its step it broadcasts the slice's new weights, so
+    every rank still holds the whole model and DDP, checkpoints and evaluation work unchanged. The README
+    says why this and not FSDP.
+    """
     decay, no_decay = decay_parameter_names(model)
     params = dict(model.named_parameters())
     groups = [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
               {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+    if zero and is_distributed():
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=learning_rate,
+                                       fused=fused or None)
     return torch.optim.AdamW(groups, lr=learning_rate, fused=fused or None)
 
 
@@ -219,91 +273,10 @@ def make_scheduler(optimizer, warmup: int, total: int, kind: str):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# --- data ------------------------------------------------------------------------------------------------
-def build_train_data(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
-    """This rank's endless stream of LongTensor(seq_length) blocks (its own files / records)."""
-    if args.tokenized:
-        from minicodeparrot.pretokenize import TokenShardDataset
-
-        return TokenShardDataset(args.dataset_name_train, seq_length=args.seq_length, rank=rank,
-                                 world_size=world_size, seed=args.seed, infinite=True)
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.shards import ShardStream
-
-    stream = ShardStream(args.dataset_name_train, split_by_rank=True, seed=args.seed,
-                         shuffle_buffer=args.shuffle_buffer, rank=rank, world_size=world_size)
-    packed = ConstantLengthDataset(tokenizer, stream, seq_length=args.seq_length, infinite=True)
-    return SequenceShuffler(packed, args.shuffle_buffer, seed=f"sequences-{args.seed}-{rank}")
-
-
-class SequenceShuffler:
-    """Shuffle packed sequences through a buffer, like the CodeParrot script's `.shuffle(buffer_size)`.
-
-    Packing cuts each file into consecutive blocks, so without this a batch holds neighbouring pieces of
-    one or two files: highly correlated gradients that stall small-batch training (the tiny preset
-    plateaued at the unigram loss without it). The buffer and its RNG are part of the state, so resume
-    stays exact; the buffer is stored as int32 (10,000 x 1024 tokens = 40 MB per rank).
-    """
-
-    def __init__(self, dataset, buffer_size: int, seed: str):
-        self.dataset, self.size = dataset, buffer_size
-        self.rng = random.Random(seed)
-        self.buffer: list[torch.Tensor] = []
-
-    def __iter__(self):
-        if self.size <= 1:
-            yield from self.dataset
-            return
-        for block in self.dataset:
-            if len(self.buffer) < self.size:
-                self.buffer.append(block)
-                continue
-            i = self.rng.randrange(self.size)
-            out, self.buffer[i] = self.buffer[i], block
-            yield out
-        self.rng.shuffle(self.buffer)  # a finite source: hand out the rest
-        while self.buffer:
-            yield self.buffer.pop()
-
-    def state_dict(self) -> dict:
-        buffer = torch.stack(self.buffer).int() if self.buffer else torch.empty(0, dtype=torch.int32)
-        return {"source": self.dataset.state_dict(), "buffer": buffer, "rng": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state["source"])
-        self.buffer = list(state["buffer"].long())
-        self.rng.setstate(state["rng"])
-
-
-def build_valid_data(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
-    """This rank's part of the validation set, in file order, read once."""
-    if args.tokenized:
-        from minicodeparrot.pretokenize import TokenShardDataset
-
-        return TokenShardDataset(args.dataset_name_valid, seq_length=args.seq_length, rank=rank,
-                                 world_size=world_size, seed=args.seed, infinite=False, shuffle=False)
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.shards import ShardStream
-
-    stream = ShardStream(args.dataset_name_valid, split_by_rank=True, shuffle_files=False, shuffle_buffer=0,
-                         rank=rank, world_size=world_size)
-    return ConstantLengthDataset(tokenizer, stream, seq_length=args.seq_length, infinite=False)
-
-
-def next_batch(blocks, batch_size: int) -> torch.Tensor | None:
-    """Stack the next `batch_size` blocks; a shorter last batch, or None when the data is exhausted."""
-    rows = []
-    for block in blocks:
-        rows.append(block)
-        if len(rows) == batch_size:
-            break
-    return torch.stack(rows) if rows else None
-
-
-# --- one optimizer step's gradients ----------------------------------------------------------------------
+# --- one optimizer step ----------------------------------------------------------------------------------
 def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], autocast,
                          scaler) -> torch.Tensor:
-    """Forward + backward over the micro-batches; returns the mean loss (detached).
+    """Forward + backward over the micro-batches; returns the mean loss (detached, still on the device).
 
     Each loss is divided by the number of micro-batches so the summed gradient is the gradient of the mean,
     i.e. equal to one big batch. Under DDP the all-reduce must happen once, after the last micro-batch:
@@ -311,10 +284,10 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
     synchronises (the CodeParrot scripts wrapped only the backward, and so all-reduced on every micro-step).
     """
     k = len(micro_batches)
+    ddp = unwrap_ddp(model)
     total = torch.zeros((), device=micro_batches[0].device)
     for i, batch in enumerate(micro_batches):
-        skip_sync = isinstance(model, DDP) and i < k - 1
-        with model.no_sync() if skip_sync else nullcontext():
+        with ddp.no_sync() if ddp is not None and i < k - 1 else nullcontext():
             with autocast:
                 _, loss = model(batch, labels=batch)
             scaler.scale(loss / k).backward()
@@ -322,10 +295,66 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
     return total / k
 
 
-def valid_batches(data, batch_size: int, device: torch.device):
-    it = iter(data)
-    while (batch := next_batch(it, batch_size)) is not None:
-        yield batch.to(device)
+def unwrap_ddp(model: nn.Module) -> DDP | None:
+    """The DDP module inside a torch.compile wrapper (or the model itself), or None without DDP."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DDP) else None
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built by `set_up`."""
+
+    args: argparse.Namespace
+    di: DistInfo
+    tokenizer: Any
+    raw_model: nn.Module  # the GPT itself: checkpoints, evaluation, FLOP counts
+    model: nn.Module  # what the step runs: raw_model inside DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    train_data: Any
+    metrics: MetricsLog
+    stop: StopRequest
+    step: int = 0
+    bad_steps: int = 0
+    batches: Any = field(default=None, repr=False)
+
+
+def optimizer_step(run: Run) -> dict:
+    """Take one optimizer step, or skip it when the loss is not finite; returns the step's statistics.
+
+    The one host-device synchronisation of the step is the `.tolist()` below: the loss, the grad norm and
+    the stop flag travel in one tensor, after one all-reduce. Deciding whether to skip the update needs the
+    loss on the host, so this wait cannot move later; everything else stays queued on the device.
+    """
+    args, di = run.args, run.di
+    t0 = time.perf_counter()
+    micro, data_wait = [], 0.0
+    for _ in range(args.gradient_accumulation_steps):
+        t = time.perf_counter()
+        micro.append(next(run.batches))
+        data_wait += time.perf_counter() - t
+    loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), 1.0)
+    flag = torch.tensor(float(run.stop.requested), device=di.device)
+    # Under DDP the gradients (so the grad norm) are already equal on every rank: only the loss needs a sum.
+    shared = all_reduce_sum(torch.stack([loss, flag, grad_norm.float() * di.world_size]))
+    loss_sum, stop_sum, norm_sum = shared.tolist()
+    stats = {"loss": loss_sum / di.world_size, "grad_norm": norm_sum / di.world_size,
+             "lr": run.scheduler.get_last_lr()[0], "stop": stop_sum > 0, "data_wait_s": data_wait}
+    if math.isfinite(stats["loss"]):
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        run.step += 1
+    stats["finite"] = math.isfinite(stats["loss"])
+    # A skipped step's gradients must not leak into the next one: they are dropped here in both cases.
+    run.optimizer.zero_grad(set_to_none=True)
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
 
 
 # --- logging ---------------------------------------------------------------------------------------------
@@ -346,6 +375,52 @@ def setup_logging(log_dir: Path, rank: int) -> None:
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.addHandler(file_handler)
     logger.addHandler(console)
+
+
+class MetricsLog:
+    """Where the numbers go: metrics.jsonl and TensorBoard on rank 0, every rank's debug log, the bar.
+
+    One `log_metrics(step, metrics)` call feeds them all, so the loop reads like nanoGPT's.
+    """
+
+    TENSORBOARD_NAMES = {"loss": "loss/train", "eval_loss": "loss/eval"}
+
+    def __init__(self, args: argparse.Namespace, di: DistInfo, start_step: int) -> None:
+        self.writer = self.file = self.bar = None
+        self.data_wait = self.wall = 0.0
+        if not di.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(args.log_dir) / "tensorboard"))
+        self.file = open(Path(args.output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 -- closed in close()
+        if not args.no_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        log.debug("step %d %s", step, " ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            self.writer.add_scalar(self.TENSORBOARD_NAMES.get(key, key), value, step)
+        if self.bar is not None and "loss" in metrics:
+            self.data_wait += metrics["data_wait_s"]
+            self.wall += metrics["step_s"]
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
+                                 data_wait=f"{self.data_wait / max(self.wall, 1e-9):.0%}")
+
+    def close(self, hparams: dict | None = None, final: dict | None = None) -> None:
+        if self.writer is not None and hparams and final:
+            self.writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in final.items()}, run_name="hparams")
+        for thing in (self.bar, self.writer, self.file):
+            if thing is not None:
+                thing.close()
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -408,20 +483,106 @@ class NonFiniteLossError(UserError):
     """The loss became NaN/inf: continuing would only write a broken checkpoint over a good one."""
 
 
-# --- the loop --------------------------------------------------------------------------------------------
-def train(args: argparse.Namespace) -> dict:
-    """Run training; returns the final metrics (rank 0's view, identical on all ranks)."""
-    args = resolve_args(args)
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    di = setup_distributed()
-    try:
-        return _train(args, di)
-    finally:
-        teardown_distributed()
+# --- data ------------------------------------------------------------------------------------------------
+def build_train_data(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
+    """This rank's endless stream of LongTensor(seq_length) blocks (its own files / records)."""
+    if args.tokenized:
+        from minicodeparrot.pretokenize import TokenShardDataset
+
+        return TokenShardDataset(args.dataset_name_train, seq_length=args.seq_length, rank=rank,
+                                 world_size=world_size, seed=args.seed, infinite=True)
+    from minicodeparrot.packing import ConstantLengthDataset
+    from minicodeparrot.shards import ShardStream
+
+    stream = ShardStream(args.dataset_name_train, split_by_rank=True, seed=args.seed,
+                         shuffle_buffer=args.record_shuffle_buffer, rank=rank, world_size=world_size)
+    packed = ConstantLengthDataset(tokenizer, stream, seq_length=args.seq_length, infinite=True)
+    return SequenceShuffler(packed, args.sequence_shuffle_buffer, seed=f"sequences-{args.seed}-{rank}")
 
 
-def _train(args: argparse.Namespace, di: DistInfo) -> dict:
+class SequenceShuffler:
+    """Shuffle packed sequences through a buffer (moving to the data code)."""
+
+    def __init__(self, dataset, buffer_size: int, seed: str):
+        self.dataset, self.size = dataset, buffer_size
+        self.rng = random.Random(seed)
+        self.buffer: list[torch.Tensor] = []
+
+    def __iter__(self):
+        if self.size <= 1:
+            yield from self.dataset
+            return
+        for block in self.dataset:
+            if len(self.buffer) < self.size:
+                self.buffer.append(block)
+                continue
+            i = self.rng.randrange(self.size)
+            out, self.buffer[i] = self.buffer[i], block
+            yield out
+        self.rng.shuffle(self.buffer)
+        while self.buffer:
+            yield self.buffer.pop()
+
+    def state_dict(self) -> dict:
+        buffer = torch.stack(self.buffer).int() if self.buffer else torch.empty(0, dtype=torch.int32)
+        return {"source": self.dataset.state_dict(), "buffer": buffer, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["source"])
+        self.buffer = list(state["buffer"].long())
+        self.rng.setstate(state["rng"])
+
+
+def build_valid_data(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
+    """This rank's part of the validation set, in file order, read once."""
+    if args.tokenized:
+        from minicodeparrot.pretokenize import TokenShardDataset
+
+        return TokenShardDataset(args.dataset_name_valid, seq_length=args.seq_length, rank=rank,
+                                 world_size=world_size, seed=args.seed, infinite=False, shuffle=False)
+    from minicodeparrot.packing import ConstantLengthDataset
+    from minicodeparrot.shards import ShardStream
+
+    stream = ShardStream(args.dataset_name_valid, split_by_rank=True, shuffle_files=False, shuffle_buffer=0,
+                         rank=rank, world_size=world_size)
+    return ConstantLengthDataset(tokenizer, stream, seq_length=args.seq_length, infinite=False)
+
+
+def batches_of(blocks, batch_size: int):
+    """Stack blocks into batches; a shorter last batch when the data ends."""
+    it = iter(blocks)
+    while rows := [b for _, b in zip(range(batch_size), it, strict=False)]:
+        yield torch.stack(rows)
+
+
+def to_device(batches, device: torch.device):
+    """Batches moved to the device without blocking the host (the copy queues behind the running step).
+
+    The first batch's checksum goes to the debug log (computed on the host copy, so it costs no device
+    wait): two ranks with the same checksum would be reading the same data.
+    """
+    for i, batch in enumerate(batches):
+        if i == 0:
+            log.debug("first batch of this run: first sequence sums to %d", int(batch[0].sum()))
+        yield batch.to(device, non_blocking=True)
+
+
+def check_token_shards(spec, tokenizer) -> None:
+    """Pretokenized shards must come from this tokenizer: a larger id would crash the embedding lookup
+    (on CUDA as an opaque device-side assert), a different tokenizer would train on nonsense."""
+    from minicodeparrot.pretokenize import _shard_paths, read_header
+
+    for path in _shard_paths(spec):
+        vocab = read_header(path)[2]
+        if vocab != len(tokenizer):
+            raise UserError(f"{path} was tokenized with a vocabulary of {vocab} tokens but --tokenizer has "
+                            f"{len(tokenizer)}; pass the tokenizer it was made with, or run "
+                            "`minicodeparrot pretokenize` again with this one")
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+def set_up(args: argparse.Namespace, di: DistInfo) -> Run:
+    """Build the model, optimizer, schedule and data; resume from a checkpoint if asked to."""
     from minicodeparrot.tokenizer import Tokenizer
 
     output_dir = Path(args.output_dir)
@@ -429,184 +590,147 @@ def _train(args: argparse.Namespace, di: DistInfo) -> dict:
     setup_logging(Path(args.log_dir), di.rank)
     log.info("world size %d, device %s", di.world_size, di.device)
     log.debug("args %s", json.dumps(plain_args(args)))
+    for note in args.notes:
+        log.info("%s", note)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    if args.tokenized:
+        for spec in (args.dataset_name_train, args.dataset_name_valid):
+            check_token_shards(spec, tokenizer)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = build_model(args.model_config, len(tokenizer), args.seq_length, args.preset,
-                            tokenizer.eos_token_id, pad_vocab=64 if di.device.type == "cuda" else 1)
+    # On a GPU the vocabulary is padded to a multiple of 64: the output projection's matmul then maps onto
+    # whole tensor-core tiles (32768 already is one; GPT-2's 50257 is not).
+    raw_model = build_model(args.model_config, len(tokenizer), args.seq_length, tokenizer.eos_token_id,
+                            pad_vocab=64 if di.device.type == "cuda" else 1, model_options=args.model_options)
     raw_model.gradient_checkpointing = args.gradient_checkpointing
     raw_model.to(di.device)
     torch.manual_seed(args.seed + di.rank)  # but different dropout masks per rank
-    model: nn.Module = torch.compile(raw_model) if args.compile else raw_model
-    if is_distributed():
-        model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None)
-
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    autocast = torch.autocast(di.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(di.device.type, enabled=args.mixed_precision == "fp16")
+    if args.zero and di.world_size == 1:
+        log.info("--zero has nothing to shard in a single process: plain AdamW")
     optimizer = make_optimizer(raw_model, args.learning_rate, args.weight_decay,
-                               fused=di.device.type == "cuda")
-    scheduler = make_scheduler(optimizer, args.num_warmup_steps, args.max_train_steps, args.lr_scheduler_type)
-    train_data = build_train_data(args, tokenizer, di.rank, di.world_size)
-
-    step = 0
+                               fused=di.device.type == "cuda", zero=args.zero)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    run = Run(
+        args=args, di=di, tokenizer=tokenizer, raw_model=raw_model,
+        model=wrap_model(raw_model, di, args.compile), optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, args.num_warmup_steps, args.max_train_steps,
+                                 args.lr_scheduler_type),
+        scaler=torch.amp.GradScaler(di.device.type, enabled=args.mixed_precision == "fp16"),
+        autocast=torch.autocast(di.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        train_data=build_train_data(args, tokenizer, di.rank, di.world_size),
+        metrics=None, stop=StopRequest())
     if args.resume_from_checkpoint:
         path = resolve_resume(args.resume_from_checkpoint, output_dir)
         if path is None:
             log.info("no checkpoint in %s yet: starting from step 0", output_dir)
         else:
-            state = load_checkpoint(path, raw_model, optimizer, scheduler, scaler, di.world_size)
-            step = state["step"]
-            train_data.load_state_dict(state["ranks"][di.rank]["data"])
-            set_rng_state(state["ranks"][di.rank]["rng"])
-            log.info("resumed from %s at step %d", path, step)
-
-    flops_per_token = raw_model.estimate_flops_per_token(args.seq_length)
-    peak = peak_flops(di.device)
-    sequences_per_step = args.train_batch_size * args.gradient_accumulation_steps * di.world_size
-    tokens_per_step = sequences_per_step * args.seq_length
-    writer = metrics_file = None
+            state = load_checkpoint(path, raw_model, optimizer, run.scheduler, run.scaler, di.rank,
+                                    di.world_size)
+            run.step = state["step"]
+            run.train_data.load_state_dict(state["rank_state"]["data"])
+            set_rng_state(state["rank_state"]["rng"])
+            log.info("resumed from %s at step %d", path, run.step)
+    run.batches = to_device(batches_of(run.train_data, args.train_batch_size), di.device)
+    run.metrics = MetricsLog(args, di, run.step)
     if di.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(Path(args.log_dir) / "tensorboard"))
-        metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115 -- closed in finally
         (output_dir / "train_args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
         log.info("model: %.1fM parameters, %.3g FLOPs/token; %d tokens per optimizer step",
-                 raw_model.num_parameters() / 1e6, flops_per_token, tokens_per_step)
+                 raw_model.num_parameters() / 1e6, raw_model.estimate_flops_per_token(args.seq_length),
+                 tokens_per_step(run))
+    return run
 
-    def record(entry: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
 
-    def run_eval() -> tuple[float, float]:
-        data = build_valid_data(args, tokenizer, di.rank, di.world_size)
-        metrics = evaluate_loss(raw_model, valid_batches(data, args.valid_batch_size, di.device),
-                                args.max_eval_steps, autocast)
-        loss, ppl = metrics["loss"], metrics["perplexity"]
-        log.info("step %d: eval loss %.4f, perplexity %.2f", step, loss, ppl)
-        if writer is not None:
-            writer.add_scalar("loss/eval", loss, step)
-            writer.add_scalar("perplexity", ppl, step)
-        record({"step": step, "eval_loss": loss, "perplexity": ppl})
-        return loss, ppl
+def tokens_per_step(run: Run) -> int:
+    a = run.args
+    return a.train_batch_size * a.gradient_accumulation_steps * run.di.world_size * a.seq_length
 
-    def checkpoint() -> None:
-        states = gather_rank_states({"rng": rng_state(), "data": train_data.state_dict()}, di.world_size)
-        if di.is_main:
-            path = save_checkpoint(output_dir, step, raw_model, optimizer, scheduler, scaler, states,
-                                   {"world_size": di.world_size, "args": plain_args(args)}, args.keep_last)
-            log.info("saved checkpoint %s", path)
-        barrier()
 
-    stop = StopRequest()
-    bar = None
-    if di.is_main and not args.no_progress:
-        from tqdm.auto import tqdm
+def evaluate(run: Run) -> dict:
+    """Validation loss and perplexity over this rank's share of the validation set, summed over ranks."""
+    args, di = run.args, run.di
+    data = build_valid_data(args, run.tokenizer, di.rank, di.world_size)
+    batches = (b.to(di.device) for b in batches_of(data, args.valid_batch_size))
+    result = evaluate_loss(run.raw_model, batches, args.max_eval_steps, run.autocast)
+    log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
+    return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
 
-        bar = tqdm(total=args.max_train_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    blocks = iter(train_data)
-    result: dict = {"step": step}
-    bad_steps = 0
-    samples = step * sequences_per_step
-    model.train()
+
+def save(run: Run) -> None:
+    """Checkpoint step_N/ (collective: every rank writes its own RNG and data state)."""
+    rank_state = {"rng": rng_state(), "data": run.train_data.state_dict()}
+    path = write_checkpoint(Path(run.args.output_dir), run.step, run.raw_model, run.optimizer, run.scheduler,
+                            run.scaler, rank_state, {"args": plain_args(run.args)}, run.args.keep_last,
+                            run.di.rank, run.di.world_size)
+    log.info("saved checkpoint %s", path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training; returns the final metrics (identical on all ranks)."""
+    args = resolve_args(args)
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    di = setup_distributed()
+    run = None
     try:
-        while step < args.max_train_steps:
-            t0 = time.perf_counter()
-            micro = [next_batch(blocks, args.train_batch_size).to(di.device, non_blocking=True)
-                     for _ in range(args.gradient_accumulation_steps)]
-            loss = accumulate_gradients(model, micro, autocast, scaler)
-            # One small all-reduce carries the global mean loss and "a rank was asked to stop".
-            flag = torch.tensor(float(stop.requested), device=di.device)
-            shared = all_reduce_sum(torch.stack([loss, flag]))
-            loss_value = shared[0].item() / di.world_size
-            stop_now = shared[1].item() > 0
-            if not math.isfinite(loss_value):
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                if bad_steps > args.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} at step {step + 1}; lower --learning-rate or use "
-                        "--mixed-precision bf16, then --resume-from-checkpoint latest (or --max-bad-steps N)")
-                log.warning("loss is %s at step %d: skipped that step (%d of %d allowed)", loss_value,
-                            step + 1, bad_steps, args.max_bad_steps)
-                continue
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0).item()
-            lr = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples += sequences_per_step
-
-            dt = time.perf_counter() - t0
-            tokens_per_s = tokens_per_step / dt
-            entry = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                     "tokens_per_s": tokens_per_s, "samples": samples}
-            if peak:
-                entry["mfu"] = flops_per_token * tokens_per_s / (peak * di.world_size)
-            log.debug("step %d loss %.6f lr %.3e grad_norm %.3f first_block_sum %d", step, loss_value, lr,
-                      grad_norm, int(micro[0][0].sum()))
-            if writer is not None:
-                writer.add_scalar("loss/train", loss_value, step)
-                writer.add_scalar("lr", lr, step)
-                writer.add_scalar("grad_norm", grad_norm, step)
-                writer.add_scalar("tokens_per_s", tokens_per_s, step)
-                writer.add_scalar("samples", samples, step)
-                if "mfu" in entry:
-                    writer.add_scalar("mfu", entry["mfu"], step)
-            record(entry)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-
-            last = step == args.max_train_steps
-            if step % args.save_checkpoint_steps == 0 or last:
-                result["eval_loss"], result["perplexity"] = run_eval()
-                checkpoint()
-            elif stop_now:
-                checkpoint()
-            result.update(step=step, loss=loss_value)
-            if stop_now and not last:
-                log.warning("stopped at step %d by a signal; continue with --resume-from-checkpoint latest",
-                            step)
-                result["stopped"] = True
-                return result
-
-        if step > 0 and "eval_loss" not in result:  # resumed at the end: nothing left to train
-            result["eval_loss"], result["perplexity"] = run_eval()
-        if di.is_main:
-            raw_model.save_pretrained(output_dir)
-            tokenizer.save_pretrained(output_dir)
-            log.info("saved the final model and tokenizer to %s", output_dir)
-            if writer is not None:
-                hparams = {k: v for k, v in plain_args(args).items() if v is not None}
-                writer.add_hparams(hparams, {"hparam/eval_loss": result["eval_loss"]}, run_name="hparams")
-        barrier()
-        return result
+        run = set_up(args, di)
+        return train_loop(run)
     finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        if run is not None:
+            run.stop.restore()
+            run.metrics.close()
+        teardown_distributed()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point for `torchrun -m minicodeparrot.train ...`: the `minicodeparrot train` arguments."""
-    from minicodeparrot.cli import main as cli_main
+def train_loop(run: Run) -> dict:
+    args = run.args
+    flops_per_token = run.raw_model.estimate_flops_per_token(args.seq_length)
+    peak = peak_flops(run.di.device)
+    result: dict = {"step": run.step}
+    run.model.train()
+    while run.step < args.max_train_steps:
+        stats = optimizer_step(run)
+        if not stats["finite"]:
+            run.bad_steps += 1
+            if run.bad_steps > args.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"loss is {stats['loss']} at step {run.step + 1}; lower --learning-rate or use "
+                    "--mixed-precision bf16, then --resume-from-checkpoint latest (or --max-bad-steps N)")
+            log.warning("loss is %s at step %d: skipped that step (%d of %d allowed)", stats["loss"],
+                        run.step + 1, run.bad_steps, args.max_bad_steps)
+            continue
+        tokens_per_s = tokens_per_step(run) / stats["seconds"]
+        metrics = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                   "tokens_per_s": tokens_per_s, "data_wait_s": stats["data_wait_s"],
+                   "step_s": stats["seconds"],
+                   "samples": run.step * args.train_batch_size * args.gradient_accumulation_steps
+                   * run.di.world_size}
+        if peak:
+            metrics["mfu"] = flops_per_token * tokens_per_s / (peak * run.di.world_size)
+        run.metrics.log_metrics(run.step, metrics)
+        result.update(step=run.step, loss=stats["loss"])
 
-    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+        last = run.step == args.max_train_steps
+        if run.step % args.save_checkpoint_steps == 0 or last:
+            result.update(evaluate(run))
+            run.metrics.log_metrics(run.step, {k: result[k] for k in ("eval_loss", "perplexity")})
+            save(run)
+        elif stats["stop"]:
+            save(run)
+        if stats["stop"] and not last:
+            log.warning("stopped at step %d by a signal; continue with --resume-from-checkpoint latest",
+                        run.step)
+            return {**result, "stopped": True}
 
-
-if __name__ == "__main__":
-    main()
+    if "eval_loss" not in result:  # resumed at the end: nothing left to train
+        result.update(evaluate(run))
+    if run.di.is_main:
+        run.raw_model.save_pretrained(args.output_dir)
+        run.tokenizer.save_pretrained(args.output_dir)
+        log.info("saved the final model and tokenizer to %s", args.output_dir)
+        run.metrics.close({k: v for k, v in plain_args(args).items() if v is not None},
+                          {"eval_loss": result["eval_loss"]})
+    return result

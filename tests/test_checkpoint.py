@@ -5,6 +5,7 @@ Whole-run resume (SIGKILL then bitwise-equal losses, SIGTERM under torchrun) is 
 
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from minicodeparrot.checkpoint import (
-    gather_rank_states,
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
@@ -35,7 +35,9 @@ def _draws() -> tuple:
 
 
 def test_rng_state_round_trips_every_generator():
-    state = gather_rank_states({"rng": rng_state()}, world_size=1)[0]["rng"]  # as it travels to rank 0
+    buf = io.BytesIO()
+    torch.save({"rng": rng_state()}, buf)  # as it travels through a rank_{r}.pt file
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["rng"]
     first = _draws()
     _draws()
     set_rng_state(state)
@@ -47,8 +49,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     opt = make_optimizer(model, 1e-3, 0.1)
     sched = make_scheduler(opt, 1, 10, "cosine")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ranks = [{"rng": rng_state(), "data": {"epoch": 0}}]
-    save_checkpoint(tmp_path, 1, model, opt, sched, scaler, ranks, {}, keep_last=3)
+    rank_state = {"rng": rng_state(), "data": {"epoch": 0}}
+    save_checkpoint(tmp_path, 1, model, opt, sched, scaler, rank_state, {}, keep_last=3)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -64,20 +66,20 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, model, opt, sched, scaler, ranks, {}, keep_last=3)
+        save_checkpoint(tmp_path, 2, model, opt, sched, scaler, rank_state, {}, keep_last=3)
     monkeypatch.undo()
     assert (tmp_path / "step_2.tmp").exists() and not (tmp_path / "step_2").exists()
     latest = resolve_resume("latest", tmp_path)
     assert latest == tmp_path / "step_1"
     fresh = _tiny_gpt(seed=5)
     opt2 = make_optimizer(fresh, 1e-3, 0.1)
-    state = load_checkpoint(latest, fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"), scaler, 1)
-    assert state["step"] == 1
+    state = load_checkpoint(latest, fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"), scaler)
+    assert state["step"] == 1 and state["rank_state"]["data"] == {"epoch": 0}
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k])
     for step in (2, 3, 4):  # a later save replaces the leftover .tmp; keep_last prunes the oldest
-        save_checkpoint(tmp_path, step, model, opt, sched, scaler, ranks, {}, keep_last=2)
+        save_checkpoint(tmp_path, step, model, opt, sched, scaler, rank_state, {}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_3", "step_4"]
     with pytest.raises(UserError, match="written by 1 ranks"):
         load_checkpoint(tmp_path / "step_4", fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"),
-                        scaler, 2)
+                        scaler, rank=0, world_size=2)

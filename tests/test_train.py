@@ -62,7 +62,7 @@ def _args(work: dict, out: Path, *extra: str) -> list[str]:
             "--dataset-name-train", str(work["train"]), "--dataset-name-valid", str(work["valid"]),
             "--output-dir", str(out), "--seq-length", "32", "--train-batch-size", "4",
             "--valid-batch-size", "4", "--max-eval-steps", "2", "--num-warmup-steps", "2",
-            "--shuffle-buffer", "8", "--no-progress", *extra]
+            "--record-shuffle-buffer", "8", "--sequence-shuffle-buffer", "8", "--no-progress", *extra]
 
 
 def _metrics(out: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -146,7 +146,7 @@ def test_bad_arguments_are_one_line_errors(work, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert expect in err and len(err.splitlines()) == 1
-    with pytest.raises(UserError, match="neither a preset"):
+    with pytest.raises(UserError, match="neither an architecture"):
         T.build_model("no-such-config", 100, 32)
 
 
@@ -239,8 +239,8 @@ def test_ranks_read_disjoint_parts_of_the_stream(work):
 
     from minicodeparrot.tokenizer import Tokenizer
 
-    args = Namespace(tokenized=False, dataset_name_train=str(work["train"]), seed=1, shuffle_buffer=8,
-                     seq_length=32)
+    args = Namespace(tokenized=False, dataset_name_train=str(work["train"]), seed=1, record_shuffle_buffer=8,
+                     sequence_shuffle_buffer=8, seq_length=32)
     tok = Tokenizer.from_pretrained(work["tok"])
     streams = [T.build_train_data(args, tok, rank, 2).dataset.dataset for rank in range(2)]  # ShardStreams
     paths = [[r["path"] for r in stream] for stream in streams]
@@ -253,7 +253,7 @@ def test_ranks_read_disjoint_parts_of_the_stream(work):
 def test_torchrun_two_ranks_learns(work, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "minicodeparrot.train", *_args(work, out, "--max-train-steps", "30",
+           "-m", "minicodeparrot", "train", *_args(work, out, "--max-train-steps", "30",
                                                 "--save-checkpoint-steps", "15")]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -261,14 +261,15 @@ def test_torchrun_two_ranks_learns(work, tmp_path):
     first, last = [losses[s] for s in range(1, 6)], [losses[s] for s in range(26, 31)]
     assert sum(last) / 5 < sum(first) / 5 - 0.5, (first, last)
     assert set(evals) == {15, 30} and evals[30] < evals[15]
-    # Each rank logged the token sum of its first block: different data on the two ranks.
+    # Each rank logged the token sum of its first sequence: different data on the two ranks.
     sums = []
     for rank in range(2):
         text = (out / "log" / f"debug_{rank}.log").read_text()
-        sums.append(text.split("step 1 loss")[1].split("first_block_sum ")[1].split()[0])
+        sums.append(text.split("first sequence sums to ")[1].split()[0])
     assert sums[0] != sums[1]
-    state = torch.load(out / "step_30" / "trainer_state.pt", weights_only=True)
-    assert len(state["ranks"]) == 2 and all("data" in r and "rng" in r for r in state["ranks"])
+    assert torch.load(out / "step_30" / "trainer_state.pt", weights_only=True)["world_size"] == 2
+    for rank in range(2):  # every rank wrote its own data and RNG state; nothing was gathered
+        assert set(torch.load(out / "step_30" / f"rank_{rank}.pt", weights_only=True)) == {"data", "rng"}
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
@@ -276,9 +277,9 @@ def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
     common = ("--max-train-steps", "16", "--save-checkpoint-steps", "4", "--keep-last", "2")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     # The uninterrupted reference and the run to be killed go side by side (one core each).
-    full = subprocess.Popen([sys.executable, "-m", "minicodeparrot.train", *_args(work, ref, *common)],
+    full = subprocess.Popen([sys.executable, "-m", "minicodeparrot", "train", *_args(work, ref, *common)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot.train", *_args(work, cut, *common)],
+    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot", "train", *_args(work, cut, *common)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 200
     while not (cut / "step_4").exists() and proc.poll() is None and time.time() < deadline:
@@ -287,7 +288,7 @@ def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
     resumed_from = max(int(p.name.split("_")[1]) for p in list_checkpoints(cut))
     assert resumed_from < 16
-    again = subprocess.run([sys.executable, "-m", "minicodeparrot.train",
+    again = subprocess.run([sys.executable, "-m", "minicodeparrot", "train",
                             *_args(work, cut, *common, "--resume-from-checkpoint", "latest")],
                            env=ENV, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -306,7 +307,7 @@ def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
 
 def test_sigterm_checkpoints_and_exits_zero(work, tmp_path):
     out = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot.train",
+    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot", "train",
                              *_args(work, out, "--max-train-steps", "1000",
                                     "--save-checkpoint-steps", "1000")],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -327,7 +328,7 @@ def test_torchrun_sigterm_checkpoints_every_rank_and_resumes(work, tmp_path):
     # torchrun forwards SIGTERM to each worker, waits --shutdown-timeout (30 s) for them, then SIGKILLs.
     out = tmp_path / "ddp_term"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "minicodeparrot.train"]
+                "-m", "minicodeparrot", "train"]
     common = ("--save-checkpoint-steps", "1000", "--max-eval-steps", "1")
     proc = subprocess.Popen([*torchrun, *_args(work, out, "--max-train-steps", "1000", *common)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -349,11 +350,12 @@ def test_torchrun_sigterm_checkpoints_every_rank_and_resumes(work, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == [f"step_{last_step}"]
     ckpt = out / f"step_{last_step}"
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    assert state["step"] == last_step and len(state["ranks"]) == 2
-    data = [r["data"] for r in state["ranks"]]  # each rank's own stream position and shuffle buffer
-    assert [d["source"]["yielded"] for d in data] == [last_step * 4 + 8] * 2  # batch 4, --shuffle-buffer 8
+    assert state["step"] == last_step and state["world_size"] == 2
+    ranks = [torch.load(ckpt / f"rank_{r}.pt", weights_only=True) for r in range(2)]
+    data = [r["data"] for r in ranks]  # each rank's own stream position and shuffle buffer
+    assert [d["source"]["yielded"] for d in data] == [last_step * 4 + 8] * 2  # batch 4, sequence buffer 8
     assert not torch.equal(data[0]["buffer"], data[1]["buffer"])  # different files per rank
-    assert state["ranks"][0]["rng"]["torch"].ne(state["ranks"][1]["rng"]["torch"]).any()
+    assert ranks[0]["rng"]["torch"].ne(ranks[1]["rng"]["torch"]).any()
     weights = torch.load(ckpt / "model.pt", weights_only=True)
     GPT(GPTConfig(vocab_size=weights["transformer.wte.weight"].shape[0], **TINY)).load_state_dict(weights)
 
@@ -382,25 +384,76 @@ def test_repeated_sigterm_does_not_kill_a_stopping_run():
         signal.signal(signal.SIGTERM, default)
 
 
-def test_non_finite_loss_stops_naming_the_step(work, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_naming_the_step_and_a_skipped_step_leaves_no_trace(work, tmp_path,
+                                                                                   monkeypatch):
     from minicodeparrot.cli import build_parser
 
     real = T.accumulate_gradients
     calls = []
 
-    def poisoned(*a, **k):
-        loss = real(*a, **k)
+    def poisoned(model, *a, **k):
+        loss = real(model, *a, **k)
         calls.append(1)
-        return loss * math.nan if len(calls) == 3 else loss
+        if len(calls) == 3:  # an overflow as it really happens: NaN loss *and* NaN gradients
+            for p in T.unwrap(model).parameters():
+                p.grad.fill_(math.nan)
+            return loss * math.nan
+        return loss
 
     monkeypatch.setattr(T, "accumulate_gradients", poisoned)
     args = build_parser().parse_args(["train", *_args(work, tmp_path / "nan", "--max-train-steps", "6")])
     with pytest.raises(T.NonFiniteLossError, match="loss is nan at step 3"):
         T.train(args)
     calls.clear()
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (steps.append(1), real_step(self))[1])
     args = build_parser().parse_args(["train", *_args(work, tmp_path / "skip", "--max-train-steps", "4",
                                                        "--max-bad-steps", "1")])
-    assert T.train(args)["step"] == 4
+    result = T.train(args)
+    # 5 batches taken, 4 updates: the bad step's NaN gradients reached neither the weights nor the next step.
+    assert result["step"] == 4 and len(calls) == 5 and len(steps) == 4
+    assert math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
+    losses, _ = _metrics(tmp_path / "skip")
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+
+
+def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch):
+    """Count the calls in train.py that make the host wait for the device (.item, .tolist, int(t), ...)."""
+    from minicodeparrot.cli import build_parser
+
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename == T.__file__:
+                counts["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def run(steps: int) -> int:
+        counts["n"] = 0
+        argv = _args(work, tmp_path / f"s{steps}", "--max-train-steps", str(steps),
+                     "--gradient-accumulation-steps", "2", "--save-checkpoint-steps", "1000")
+        T.train(build_parser().parse_args(["train", *argv]))
+        return counts["n"]
+
+    # Both runs evaluate and checkpoint once, at the end: the difference is 4 steps' worth of syncs.
+    assert run(7) - run(3) == 4
+
+
+def test_preset_warmup_is_clamped_but_a_given_one_is_checked(work, tmp_path):
+    from minicodeparrot.cli import build_parser
+
+    argv = [a for a in _args(work, tmp_path / "w", "--max-train-steps", "3") if a != "--num-warmup-steps"]
+    argv.remove("2")  # the value after --num-warmup-steps: the tiny preset's 30 steps apply
+    args = T.resolve_args(build_parser().parse_args(["train", *argv]))
+    assert args.num_warmup_steps == 3 and "warming up over all 3 steps" in args.notes[0]
+    with pytest.raises(UserError, match="--num-warmup-steps must be in"):
+        T.resolve_args(build_parser().parse_args(["train", *argv, "--num-warmup-steps", "30"]))
 
 
 def test_tokenized_shards_train(work, tmp_path):
@@ -417,8 +470,29 @@ def test_tokenized_shards_train(work, tmp_path):
     argv[argv.index("--dataset-name-valid") + 1] = str(tmp_path / "valid")
     result = T.train(build_parser().parse_args(["train", *argv]))
     assert result["step"] == 4 and math.isfinite(result["eval_loss"])
-    state = torch.load(tmp_path / "out" / "step_4" / "trainer_state.pt", weights_only=True)
-    assert state["ranks"][0]["data"]["taken"] == 4 * 4  # 4 steps of 4 windows
+    state = torch.load(tmp_path / "out" / "step_4" / "rank_0.pt", weights_only=True)
+    assert state["data"]["taken"] == 4 * 4  # 4 steps of 4 windows
+
+
+def test_tokenized_shards_from_another_tokenizer_are_a_one_line_error(work, tmp_path, capsys):
+    from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
+    from minicodeparrot.cli import main
+    from minicodeparrot.pretokenize import pretokenize
+    from minicodeparrot.shards import iter_texts
+
+    other = train_bpe(list(iter_texts(work["train"]))[:20], 280, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                      show_progress=False)
+    for split in ("train", "valid"):
+        pretokenize(work[split], other, tmp_path / split, show_progress=False)
+    argv = _args(work, tmp_path / "out", "--max-train-steps", "2", "--tokenized")
+    argv[argv.index("--dataset-name-train") + 1] = str(tmp_path / "train")
+    argv[argv.index("--dataset-name-valid") + 1] = str(tmp_path / "valid")
+    with pytest.raises(SystemExit) as e:
+        main(["train", *argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "tokenized with a vocabulary of 280 tokens but --tokenizer has 300" in errors[0]
 
 
 def test_unigram_baseline_is_the_entropy_of_token_frequencies():
