@@ -234,6 +234,87 @@ def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
     assert res["eval"] == pytest.approx(ref_eval, rel=1e-6)
 
 
+def _compiled_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    class SmallBucketDDP(DDP):  # several gradient buckets even for a tiny model, as a real one has
+        def __init__(self, module, **kw):
+            super().__init__(module, bucket_cap_mb=0.02, **kw)
+
+    dist._DEFAULT_FIRST_BUCKET_BYTES = 16_000  # DDP and dynamo: the first bucket is the smallest
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # called once per graph dynamo hands to the compiler
+        graphs.append(len(list(gm.graph.nodes)))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    T.DDP = SmallBucketDDP
+    di = T.DistInfo(rank, 0, world, torch.device("cpu"))
+    micro = _batches(4, 2)[rank::world]
+    off, scaler = torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
+    grads = {}
+    real_compile = torch.compile
+    for name, compile in (("eager", False), ("compiled", True)):
+        torch.compile = lambda m, **k: real_compile(m, backend=counting_backend)
+        try:
+            model = T.wrap_model(_tiny_gpt(seed=0, dropout=0.0), di, compile)
+        finally:
+            torch.compile = real_compile
+        T.accumulate_gradients(model, micro, off, scaler)
+        grads[name] = _grads(T.unwrap(model))
+        dist.barrier()
+        del model
+    if rank == 0:
+        torch.save({"grads": grads, "graphs": len(graphs)}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_compiled_ddp_splits_at_buckets_and_gives_eager_gradients(tmp_path):
+    """DDP is wrapped before torch.compile, so dynamo splits the graph at DDP's bucket boundaries (each
+    bucket's all-reduce can then start during backward) and the gradients stay those of eager DDP."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "compiled.pt"
+    mp.spawn(_compiled_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    assert res["graphs"] > 1  # compiled-then-wrapped would be one graph, all-reducing only at its end
+    for n, g in res["grads"]["eager"].items():
+        torch.testing.assert_close(res["grads"]["compiled"][n], g, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_gives_ddp_losses_and_resumes_exactly(work, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "minicodeparrot", "train"]
+    common = ("--max-train-steps", "6", "--save-checkpoint-steps", "3", "--max-eval-steps", "1")
+    runs = {"ddp": (), "zero": ("--zero",)}
+    for name, extra in runs.items():
+        r = subprocess.run([*torchrun, *_args(work, tmp_path / name, *common, *extra)], env=ENV,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ddp, zero = _metrics(tmp_path / "ddp")[0], _metrics(tmp_path / "zero")[0]
+    assert zero == ddp  # the same AdamW arithmetic, each rank on its own slice of the parameters
+    step3 = tmp_path / "zero" / "step_3"
+    assert sorted(p.name for p in step3.glob("optimizer*")) == ["optimizer_rank0.pt", "optimizer_rank1.pt"]
+    shutil.copytree(step3, tmp_path / "resumed" / "step_3")
+    r = subprocess.run([*torchrun, *_args(work, tmp_path / "resumed", *common, "--zero",
+                                          "--resume-from-checkpoint", "latest")],
+                       env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _metrics(tmp_path / "resumed")[0]
+    assert {s: resumed[s] for s in (4, 5, 6)} == {s: zero[s] for s in (4, 5, 6)}  # bitwise
+    r = subprocess.run([*torchrun, *_args(work, tmp_path / "resumed", *common, "--max-train-steps", "7",
+                                          "--resume-from-checkpoint", "latest")],
+                       env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "was saved with --zero and this run is without it" in r.stderr
+
+
 def test_ranks_read_disjoint_parts_of_the_stream(work):
     from argparse import Namespace
 
