@@ -199,7 +199,10 @@ def wrap_model(raw_model: nn.Module, di: DistInfo, compile: bool) -> nn.Module:
     """
     model = raw_model
     if is_distributed():
-        model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live inside DDP's all-reduce buckets instead of being
+        # copied into them, one copy instead of two (6 GB less per rank for the 1.5B model).
+        model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     return torch.compile(model) if compile else model
 
 

@@ -7,7 +7,7 @@ set -euo pipefail
 DATA=${DATA:-data/clean}
 OUT=${OUT:-runs/codeparrot-small}
 
-torchrun --standalone --nproc_per_node=8 -m minicodeparrot.train \
+torchrun --standalone --nproc_per_node=8 -m minicodeparrot train \
   --preset codeparrot-small \
   --tokenizer tokenizer/codeparrot \
   --dataset-name-train "$DATA/train" \
