@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -75,6 +76,12 @@ def _metrics(out: Path) -> tuple[dict[int, float], dict[int, float]]:
         else:
             evals[d["step"]] = d["eval_loss"]
     return train, evals
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _tiny_gpt(seed: int = 0, dropout: float = 0.0) -> GPT:
@@ -213,13 +220,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     res = torch.load(out)
     # no_sync covered forward and backward: one all-reduce per bucket per optimizer step, not per micro-step.
     assert res["calls_accum"] == res["calls_single"] >= 1
@@ -276,13 +278,8 @@ def _compiled_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_compiled_ddp_splits_at_buckets_and_gives_eager_gradients(tmp_path):
     """DDP is wrapped before torch.compile, so dynamo splits the graph at DDP's bucket boundaries (each
     bucket's all-reduce can then start during backward) and the gradients stay those of eager DDP."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "compiled.pt"
-    mp.spawn(_compiled_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(_compiled_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     res = torch.load(out)
     assert res["graphs"] > 1  # compiled-then-wrapped would be one graph, all-reducing only at its end
     for n, g in res["grads"]["eager"].items():
