@@ -55,33 +55,49 @@ def test_perplexity_overflows_to_inf():
     assert ev.perplexity(0.0) == 1.0
 
 
-def test_cli_evaluate_loss_equals_a_manual_computation(tiny_model_dir, tmp_path, capsys):
+def test_cli_evaluate_loss_equals_transformers_on_hand_packed_blocks(tmp_path, gpt2_dir, capsys):
+    """The expected loss owes nothing to our code: OpenAI's tokenizer files read by `transformers`, the
+    book's packing written out by hand, and transformers' GPT2LMHeadModel loaded from our checkpoint."""
+    transformers = pytest.importorskip("transformers")
     from conftest import stdlib_texts
 
     from minicodeparrot.model import GPT
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.tokenizer import Tokenizer
 
-    records = [{"content": t, "path": f"f{i}.py"} for i, t in enumerate(stdlib_texts(limit=3))]
+    # Weights scaled up from the random init: the logits then vary a lot with the input, so a packing
+    # mistake (a missing separator, a shifted block) moves the loss far beyond the tolerance.
+    model_dir = save_tiny_model(tmp_path / "model", gpt2_dir)
+    model = GPT.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+    model.save_pretrained(model_dir)
+    # Files cut short, so that the 12 blocks evaluated span several documents and their separators.
+    records = [{"content": t[:400], "path": f"f{i}.py"} for i, t in enumerate(stdlib_texts(limit=8))]
     data = tmp_path / "file-000000000001_validation.json"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cli.main(["evaluate-loss", "--model", str(tiny_model_dir), "--dataset", str(data), "--seq-length", "32",
+    cli.main(["evaluate-loss", "--model", str(model_dir), "--dataset", str(data), "--seq-length", "32",
               "--batch-size", "4", "--max-eval-steps", "3", "--output", str(tmp_path / "r.json"),
               "--no-progress"])
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())
 
-    model = GPT.from_pretrained(tiny_model_dir).eval()
-    tokenizer = Tokenizer.from_pretrained(tiny_model_dir)
-    blocks = list(ConstantLengthDataset(tokenizer, records, seq_length=32))[:12]
-    ids = torch.stack(blocks)
-    with torch.no_grad():
-        logits, _ = model(ids)
-    manual = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1)).item()
+    reference_tokenizer = transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir)
+    reference_model = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+
+    def loss_of_blocks(separator: list[int]) -> float:
+        # The book's packing: every file's tokens followed by <|endoftext|>, cut into seq_length blocks.
+        stream = [t for r in records for t in reference_tokenizer(r["content"])["input_ids"] + separator]
+        ids = torch.tensor([stream[i:i + 32] for i in range(0, 12 * 32, 32)])
+        with torch.no_grad():
+            return reference_model(ids, labels=ids).loss.item()
+
+    expected = loss_of_blocks([reference_tokenizer.eos_token_id])
     assert result["batches"] == 3 and result["tokens"] == 12 * 31
-    assert result["loss"] == pytest.approx(manual, rel=1e-5)
-    assert result["perplexity"] == pytest.approx(float(torch.tensor(manual).exp()), rel=1e-5)
-    assert f"loss {manual:.4f}" in printed
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(float(torch.tensor(expected).exp()), rel=1e-5)
+    assert f"loss {expected:.4f}" in printed
+    assert abs(loss_of_blocks([]) - expected) > 100 * 1e-5 * expected  # the check can tell packings apart
 
 
 def test_validation_shards_are_picked_out_of_a_corpus_directory(tmp_path):
