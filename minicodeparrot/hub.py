@@ -406,6 +406,12 @@ def _remote_meta(repo_id: str, path: str, revision: str, repo_type: str) -> tupl
     return etag, int(size) if size is not None else None
 
 
+def _copy(stream: io.BufferedReader, destination: Path) -> None:
+    with stream, open(destination, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            out.write(chunk)
+
+
 def download(repo_id: str, path: str, cache_dir: str | os.PathLike | None = None, revision: str = "main",
              repo_type: str = "dataset") -> Path:
     """A local copy of one file, reused while its size and etag match the Hub's.
@@ -436,9 +442,13 @@ def download(repo_id: str, path: str, cache_dir: str | os.PathLike | None = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with open_stream(repo_id, path, revision, size, repo_type) as stream, open(tmp, "wb") as out:
-            while chunk := stream.read(CHUNK):
-                out.write(chunk)
+        try:
+            _copy(open_stream(repo_id, path, revision, size, repo_type), tmp)
+        except HubFileChanged:
+            # Replaced on the Hub half-way: unlike a stream being parsed, a download has handed nothing
+            # out yet, so it starts again from zero (once), checked against the new version's size.
+            etag, size = _remote_meta(repo_id, path, revision, repo_type)
+            _copy(open_stream(repo_id, path, revision, size, repo_type), tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

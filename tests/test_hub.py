@@ -177,6 +177,17 @@ def test_file_replaced_between_requests_is_not_spliced(server: HubServer, repo_d
     assert read_all("file-000000000000.json.gz") == new  # read again: the new version, whole
 
 
+def test_download_of_a_file_replaced_half_way_starts_again(server: HubServer, repo_dir: Path) -> None:
+    path = repo_dir / "file-000000000000.json.gz"
+    new = _new_version_of_same_size(path.read_bytes())
+    server.body_faults.extend([("cut", 5000), ("replace", new)])
+    assert download(REPO, "file-000000000000.json.gz").read_bytes() == new
+    assert [r[2].get("Range") for r in server.requests_to("/cdn/")] == [None, "bytes=5000-", None]
+    bodies = len(server.requests_to("/cdn/"))
+    download(REPO, "file-000000000000.json.gz")
+    assert len(server.requests_to("/cdn/")) == bodies  # the sidecar holds the new version's etag
+
+
 def test_resume_must_start_where_it_was_cut(server: HubServer, repo_dir: Path) -> None:
     data = (repo_dir / "file-000000000000.json.gz").read_bytes()
     server.body_faults.extend([("cut", 5000), ("shift_range", 7)])
