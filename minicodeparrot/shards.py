@@ -270,9 +270,10 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{source.name}:{i + 1} is not valid JSON ({e}); expected one object per line"
-                                ) from None
+            except ValueError as e:  # JSONDecodeError's msg leaves out its own "line 1 column ..."
+                why = getattr(e, "msg", e)
+                raise UserError(f"{source.name}:{i + 1} is not valid JSON ({why}); "
+                                "expected one object per line") from None
             if not isinstance(record, dict):
                 raise UserError(f"{source.name}:{i + 1} is not a JSON object; expected one object per line")
             yield record
