@@ -1,7 +1,9 @@
 """The `minicodeparrot` command line (also `python -m minicodeparrot`).
 
-One function per subcommand adds its arguments and names its handler. Handlers import their
-modules lazily so that `minicodeparrot --help` answers at once without importing torch.
+This module only parses and dispatches: one function per subcommand adds its arguments, and its
+handler passes the parsed arguments to the command's module (`corpus.make_corpus_command`,
+`humaneval.humaneval_command`, ...), where the command's body lives. Handlers import those modules
+lazily so that `minicodeparrot --help` answers at once without importing torch.
 A `UserError` from anywhere below is printed as one line (no traceback) with exit status 2.
 """
 
@@ -186,12 +188,9 @@ def _add_make_corpus(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_corpus(args: argparse.Namespace) -> None:
-    from minicodeparrot.corpus import build_corpus
+    from minicodeparrot.corpus import make_corpus_command
 
-    stats = build_corpus(args.output, args.source, args.samples_per_file, args.validation_fraction,
-                         show_progress=not args.no_progress)
-    print(f"make-corpus: {stats.summary()}")
-    print(f"train: {args.output}/train   validation: {args.output}/valid")
+    make_corpus_command(args)
 
 
 # --- model commands (issue: model) -------------------------------------------------------------
@@ -216,44 +215,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from minicodeparrot.demo import EXAMPLES  # the book's prompts, for --examples
+    from minicodeparrot.generate import generate_command
 
-    import torch
-
-    from minicodeparrot.generate import EXAMPLES, complete_code, generate_texts
-    from minicodeparrot.model import GPT
-    from minicodeparrot.tokenizer import Tokenizer
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = GPT.from_pretrained(args.model).to(device).eval()
-    tok_path = args.tokenizer or args.model
-    if args.tokenizer is None and not Path(args.model).is_dir():  # a Hub model repo: its tokenizer.json
-        from minicodeparrot import hub
-
-        tok_path = hub.download(args.model, "tokenizer.json", repo_type="model")
-    tokenizer = Tokenizer.from_pretrained(tok_path)
-    if args.examples:
-        prompts = EXAMPLES
-    elif args.file is not None:
-        try:
-            prompts = {args.file: Path(args.file).read_text(encoding="utf-8")}
-        except OSError as e:
-            raise UserError(f"cannot read --file {args.file}: {e.strerror}") from None
-    else:
-        prompts = {"prompt": args.prompt}
-    sampling = dict(do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
-    for name, prompt in prompts.items():
-        if args.full:
-            completions = generate_texts(model, tokenizer, [prompt], args.max_new_tokens,
-                                         num_return_sequences=args.num_return_sequences,
-                                         eos_token_id=tokenizer.eos_token_id, **sampling)[0]
-        else:
-            completions = complete_code(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                        num_completions=args.num_return_sequences, **sampling)
-        if args.examples:
-            print(f"{'#' * 30} {name} {'#' * 30}")
-        print(("\n" + "=" * 80 + "\n").join(prompt + c for c in completions))
+    generate_command(args, examples=EXAMPLES)
 
 
 # --- training commands (issue: training) -------------------------------------------------------
@@ -366,25 +331,9 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> None:
-    import json
-    import os
+    from minicodeparrot.preprocess import preprocess_command
 
-    from minicodeparrot.preprocess import CleanOptions, format_summary, preprocess
-
-    keywords = tuple(k.strip() for k in (args.keep_keywords or "").split(",") if k.strip())
-    if args.keep_keywords is not None and not keywords:
-        raise UserError("--keep-keywords got no words; pass e.g. --keep-keywords pandas,sklearn")
-    options = CleanOptions(line_max=args.line_max, line_mean=args.line_mean, alpha_frac=args.alpha_frac,
-                           min_token_ratio=args.min_token_ratio, filter_proba=args.filter_proba,
-                           seed=args.seed, keep_keywords=keywords, near_deduplication=args.near_deduplication,
-                           jaccard_threshold=args.jaccard_threshold)
-    workers = args.num_workers if args.num_workers is not None else len(os.sched_getaffinity(0))
-    summary = preprocess(args.dataset, args.output, tokenizer=args.tokenizer, options=options,
-                         num_workers=workers, samples_per_file=args.samples_per_file,
-                         split_validation=args.split_validation, text_field=args.text_field,
-                         show_progress=not args.no_progress)
-    print(format_summary(summary))
-    print(f"summary: {json.dumps(summary['removed'])} -> {args.output}/summary.json")
+    preprocess_command(args)
 
 
 def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
@@ -403,13 +352,9 @@ def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretokenize(args: argparse.Namespace) -> None:
-    from minicodeparrot.pretokenize import pretokenize, print_summary
-    from minicodeparrot.tokenizer import Tokenizer
+    from minicodeparrot.pretokenize import pretokenize_command
 
-    summary = pretokenize(args.dataset, Tokenizer.from_pretrained(args.tokenizer), args.output,
-                          num_workers=args.num_workers, tokens_per_shard=args.tokens_per_shard,
-                          text_field=args.text_field, show_progress=not args.no_progress)
-    print_summary(summary)
+    pretokenize_command(args)
 
 
 # --- evaluation commands (issue: evaluation) ---------------------------------------------------
@@ -430,48 +375,9 @@ def _add_evaluate_loss(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate_loss(args: argparse.Namespace) -> None:
-    import json
+    from minicodeparrot.evaluate import evaluate_loss_command
 
-    import torch
-    from tqdm import tqdm
-
-    from minicodeparrot.dist import setup_distributed, teardown_distributed
-    from minicodeparrot.evaluate import evaluate_loss, validation_sources
-    from minicodeparrot.model import GPT
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.shards import ShardStream
-    from minicodeparrot.tokenizer import Tokenizer
-
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
-    di = setup_distributed()
-    rank, world, device = di.rank, di.world_size, di.device
-    model = GPT.from_pretrained(args.model).to(device)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    seq_length = args.seq_length or model.config.n_positions
-    if not 2 <= seq_length <= model.config.n_positions:
-        raise UserError(f"--seq-length must be in 2..{model.config.n_positions} (the model's n_positions)")
-    sources = validation_sources(args.dataset)
-    if rank == 0:
-        print(f"evaluating on {len(sources)} file(s): {', '.join(s.name for s in sources[:3])}"
-              + (" ..." if len(sources) > 3 else ""))
-    stream = ShardStream(sources, split_by_rank=True, shuffle_files=False, text_field=args.text_field)
-    dataset = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, text_field=args.text_field)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
-    total = args.max_eval_steps if args.max_eval_steps >= 0 else None
-    bar = tqdm(loader, total=total, desc="evaluating", unit="batch", disable=args.no_progress or rank != 0)
-    result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps)
-    result.update(model=str(args.model), seq_length=seq_length, batch_size=args.batch_size,
-                  bad_records_rank0=stream.bad_records.total, tokens_dropped_rank0=dataset.tokens_dropped)
-    if rank == 0:
-        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.4f}  "
-              f"({result['tokens']:,} predicted tokens, {result['batches']} batches, {world} rank(s); "
-              f"{stream.bad_records.total} bad records skipped on rank 0)")
-        print(json.dumps(result))
-        if args.output:
-            with open(args.output, "w") as f:
-                f.write(json.dumps(result, indent=2) + "\n")
-    teardown_distributed()
+    evaluate_loss_command(args)
 
 
 def _add_humaneval(sub: argparse._SubParsersAction) -> None:
@@ -503,78 +409,9 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
 
 
 def _humaneval(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
+    from minicodeparrot.humaneval import humaneval_command
 
-    if args.generate_only and not args.model:
-        raise UserError("--generate-only needs --model")
-    if not args.allow_code_execution and not args.generate_only:
-        alternative = ", or --generate-only to only write samples" if args.model else ""
-        raise UserError(
-            "refusing to run model-written code: it would execute on this machine in a best-effort sandbox "
-            "that is not a security boundary; re-run with --allow-code-execution (ideally in a container "
-            f"without network or credentials){alternative}"
-        )
-    if args.n_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise UserError("--n-samples, --batch-size and --limit must be >= 1")
-    if args.timeout <= 0 or (args.num_workers is not None and args.num_workers < 1):
-        raise UserError("--timeout must be > 0 and --num-workers >= 1")
-
-    from minicodeparrot import evaluate as ev  # after the checks: it imports torch, which takes seconds
-
-    all_problems = ev.load_problems(args.problems)
-    problems = dict(list(all_problems.items())[: args.limit])
-    out = Path(args.output_dir)
-    show = not args.no_progress
-    info: dict = {"timeout": args.timeout}
-    if args.samples:
-        samples = ev.read_samples(args.samples, all_problems)
-        skipped = sum(s["task_id"] not in problems for s in samples)
-        samples = [s for s in samples if s["task_id"] in problems]
-        if skipped:
-            print(f"skipped {skipped} samples of tasks beyond --limit {args.limit}")
-        info["samples_file"] = str(args.samples)
-    else:
-
-        from minicodeparrot.dist import setup_distributed, teardown_distributed
-        from minicodeparrot.model import GPT
-        from minicodeparrot.tokenizer import Tokenizer
-
-        di = setup_distributed()
-        rank, world, device = di.rank, di.world_size, di.device
-        model = GPT.from_pretrained(args.model).to(device)
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
-        gen = {k: getattr(args, k) for k in ("n_samples", "batch_size", "max_new_tokens", "temperature",
-                                              "top_p", "top_k", "seed")}
-        samples, timing = ev.generate_samples(model, tokenizer, problems, show_progress=show, **gen)
-        teardown_distributed()
-        if rank != 0:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(s) + "\n")
-        print(f"generated {len(samples)} samples for {len(problems)} tasks in "
-              f"{timing['generation_seconds']:.1f} s ({timing['seconds_per_task']:.2f} s per task, "
-              f"{world} rank(s)) -> {out / 'samples.jsonl'}")
-        if timing["tasks_max_new_tokens_cropped"] or timing["tasks_prompt_too_long"]:
-            print(f"the model's context (n_positions={model.config.n_positions}) cut max_new_tokens for "
-                  f"{timing['tasks_max_new_tokens_cropped']} tasks; {timing['tasks_prompt_too_long']} "
-                  "prompts did not fit at all and got empty completions (scored as failures)")
-        info.update(model=str(args.model), world_size=world, generation=gen, **timing)
-        if args.generate_only:
-            return
-    report = ev.score_samples(problems, samples, timeout=args.timeout, num_workers=args.num_workers,
-                              show_progress=show)
-    report.update(info)
-    summary_path, per_sample_path = ev.write_results(out, report)
-    n_tasks, n_missing = len(report["tasks"]), len(report["tasks_without_samples"])
-    secs = report["execution_seconds"]
-    print(f"executed {len(samples)} samples of {n_tasks} tasks in {secs:.1f} s "
-          f"({secs / max(1, n_tasks):.2f} s per task)"
-          + (f"; {n_missing} tasks had no samples and are left out" if n_missing else ""))
-    print(ev.format_pass_at_k(report["pass@k"]))
-    print(f"wrote {summary_path} and {per_sample_path}")
+    humaneval_command(args)
 
 
 # -----------------------------------------------------------------------------------------------

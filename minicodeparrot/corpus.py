@@ -17,6 +17,7 @@ like the CodeParrot filters; skipped files are counted and reported, never silen
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import sys
 import sysconfig
@@ -147,3 +148,11 @@ def make_corpus(output_dir: str | Path, sources: list[str | Path] | None = None,
     stats = build_corpus(output_dir, sources, samples_per_file, validation_fraction, show_progress)
     print(f"make-corpus: {stats.summary()}", file=sys.stderr)
     return stats.paths
+
+
+def make_corpus_command(args: argparse.Namespace) -> None:
+    """`minicodeparrot make-corpus`: the shards, and where to point training at them."""
+    stats = build_corpus(args.output, args.source, args.samples_per_file, args.validation_fraction,
+                         show_progress=not args.no_progress)
+    print(f"make-corpus: {stats.summary()}")
+    print(f"train: {args.output}/train   validation: {args.output}/valid")

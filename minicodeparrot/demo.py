@@ -32,6 +32,36 @@ PROMPTS = [
 ]
 
 
+# `minicodeparrot generate --examples`: prompts in the spirit of the book's demo -- a docstring to implement,
+# HTML scraping, the numpy version of a plain-Python function, and a scikit-learn snippet.
+EXAMPLES = {
+    "area_of_rectangle": (
+        "def area_of_rectangle(width: float, height: float) -> float:\n"
+        '    """Return the area of a rectangle with the given width and height."""\n'
+    ),
+    "get_urls_from_html": (
+        "import re\n\n"
+        "def get_urls_from_html(html: str) -> list:\n"
+        '    """Return every URL found in an href="..." attribute of the HTML text."""\n'
+    ),
+    "numpy_mean": (
+        "# average of a list, plain python\n"
+        "def mean(values):\n"
+        "    return sum(values) / len(values)\n\n"
+        "# average of a list, with numpy\n"
+        "import numpy as np\n\n"
+        "def mean(values):\n"
+    ),
+    "sklearn_random_forest": (
+        "import numpy as np\n"
+        "from sklearn.ensemble import RandomForestClassifier\n\n"
+        "X = np.random.rand(200, 8)\n"
+        "y = np.random.randint(0, 2, size=200)\n\n"
+        "# fit a random forest with 20 trees on X and y\n"
+    ),
+}
+
+
 def unigram_entropy(token_lists: list[list[int]]) -> float:
     """Entropy in nats of the token frequency distribution: the loss of the best context-free predictor."""
     counts = Counter(t for ids in token_lists for t in ids)

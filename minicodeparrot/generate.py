@@ -9,7 +9,9 @@ every row's positions and attention mask trivially right (no left padding).
 
 from __future__ import annotations
 
+import argparse
 import re
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,8 @@ from minicodeparrot.errors import UserError
 from minicodeparrot.model import KVCache
 
 # CodeParrot's stop strings: a new top-level statement means the function being completed has ended.
+# The book's `first_block` cuts at them, and so does the HumanEval harness (humaneval.py imports them:
+# defining them there would make generate.py and humaneval.py import each other).
 STOP_STRINGS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]
 
 
@@ -202,31 +206,42 @@ def complete_code(
     return [first_block(c) for c in conts]
 
 
-# Prompts in the spirit of the book's demo: a docstring to implement, HTML scraping, the numpy version
-# of a plain-Python function, and a scikit-learn snippet.
-EXAMPLES = {
-    "area_of_rectangle": (
-        "def area_of_rectangle(width: float, height: float) -> float:\n"
-        '    """Return the area of a rectangle with the given width and height."""\n'
-    ),
-    "get_urls_from_html": (
-        "import re\n\n"
-        "def get_urls_from_html(html: str) -> list:\n"
-        '    """Return every URL found in an href="..." attribute of the HTML text."""\n'
-    ),
-    "numpy_mean": (
-        "# average of a list, plain python\n"
-        "def mean(values):\n"
-        "    return sum(values) / len(values)\n\n"
-        "# average of a list, with numpy\n"
-        "import numpy as np\n\n"
-        "def mean(values):\n"
-    ),
-    "sklearn_random_forest": (
-        "import numpy as np\n"
-        "from sklearn.ensemble import RandomForestClassifier\n\n"
-        "X = np.random.rand(200, 8)\n"
-        "y = np.random.randint(0, 2, size=200)\n\n"
-        "# fit a random forest with 20 trees on X and y\n"
-    ),
-}
+def generate_command(args: argparse.Namespace, examples: dict[str, str]) -> None:
+    """`minicodeparrot generate`: complete --prompt, --file or (with --examples) the `examples` prompts.
+
+    By default each completion is cut to its first block, as the book's `complete_code`; --full prints
+    the whole continuation (up to <|endoftext|> or --max-new-tokens).
+    """
+    from minicodeparrot.model import GPT
+    from minicodeparrot.tokenizer import Tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = GPT.from_pretrained(args.model).to(device).eval()
+    tok_path = args.tokenizer or args.model
+    if args.tokenizer is None and not Path(args.model).is_dir():  # a Hub model repo: its tokenizer.json
+        from minicodeparrot import hub
+
+        tok_path = hub.download(args.model, "tokenizer.json", repo_type="model")
+    tokenizer = Tokenizer.from_pretrained(tok_path)
+    if args.examples:
+        prompts = examples
+    elif args.file is not None:
+        try:
+            prompts = {args.file: Path(args.file).read_text(encoding="utf-8")}
+        except OSError as e:
+            raise UserError(f"cannot read --file {args.file}: {e.strerror}") from None
+    else:
+        prompts = {"prompt": args.prompt}
+    sampling = dict(do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    for name, prompt in prompts.items():
+        if args.full:
+            completions = generate_texts(model, tokenizer, [prompt], args.max_new_tokens,
+                                         num_return_sequences=args.num_return_sequences,
+                                         eos_token_id=tokenizer.eos_token_id, **sampling)[0]
+        else:
+            completions = complete_code(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                                        num_completions=args.num_return_sequences, **sampling)
+        if args.examples:
+            print(f"{'#' * 30} {name} {'#' * 30}")
+        print(("\n" + "=" * 80 + "\n").join(prompt + c for c in completions))

@@ -12,15 +12,20 @@ the CDN URL is already signed, and a token sent there would leak to a third part
 
 Long downloads over the internet get cut. `HubStream` retries connection errors, timeouts, 5xx and
 429 with bounded exponential backoff, and a body cut half-way is resumed with `Range: bytes=N-`
-from the byte already reached, so a 50 MB shard does not restart from zero.
+from the byte already reached, so a 50 MB shard does not restart from zero. A resume must continue
+the *same version* of the file: it sends `If-Range: <etag>` and checks the answer's ETag and
+Content-Range, because a file replaced on the Hub between two requests (even by one of the same
+size) would otherwise be spliced from two versions without any error.
 """
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import fnmatch
 import io
 import json
+import math
 import os
 import socket
 import time
@@ -50,6 +55,10 @@ class HubNotFound(HubError):
     """404: the repo, revision or file does not exist (callers may try another file name)."""
 
 
+class HubFileChanged(HubError):
+    """The file changed on the Hub while we were reading it: the bytes so far are of another version."""
+
+
 @dataclass
 class RetryPolicy:
     """How hard to try. Tests shrink the delays; Retry-After from the server wins (up to max_delay)."""
@@ -75,9 +84,13 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def hf_home() -> Path:
+    """$HF_HOME, else ~/.cache/huggingface: where huggingface_hub keeps the token and the cache."""
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+
+
 def _token_file() -> Path:
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home) / "token"
+    return hf_home() / "token"
 
 
 def get_token() -> tuple[str | None, str]:
@@ -122,15 +135,31 @@ def _headers(url: str, extra: dict | None = None) -> dict:
     return dict(headers, **(extra or {}))
 
 
-def _retry_delay(attempt: int, response: requests.Response | None) -> float:
-    delay = RETRY.base_delay * 2 ** attempt
-    after = response.headers.get("Retry-After") if response is not None else None
-    if after:
+def _retry_after(response: requests.Response | None) -> float | None:
+    """Seconds the server asks us to wait (Retry-After: seconds or an HTTP date), None if it does not say.
+
+    A malformed value (`soon`, `nan`) counts as absent: a bad header must not turn an answer that
+    is worth retrying into a crash.
+    """
+    after = response.headers.get("Retry-After", "").strip() if response is not None else ""
+    if not after:
+        return None
+    try:
+        seconds = float(after)
+    except ValueError:
         try:
-            delay = float(after)
-        except ValueError:
             when = email.utils.parsedate_to_datetime(after)
-            delay = when.timestamp() - time.time() if when else delay
+        except (ValueError, TypeError):
+            return None
+        if when.tzinfo is None:  # "-0000" dates parse naive; HTTP dates are always UTC
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = when.timestamp() - time.time()
+    return seconds if math.isfinite(seconds) else None
+
+
+def _retry_delay(attempt: int, response: requests.Response | None) -> float:
+    after = _retry_after(response)
+    delay = RETRY.base_delay * 2 ** attempt if after is None else after
     return min(max(delay, 0.0), RETRY.max_delay)
 
 
@@ -237,12 +266,19 @@ class HubStream(io.RawIOBase):
     Reads are sequential only. At the end the number of bytes received must equal the expected
     size (the listing's, else the first response's Content-Length), or HubError is raised: a short
     file must never be parsed as if it were complete.
+
+    A resume continues the version whose first bytes we already handed out, or fails: the first
+    answer's (strong) ETag goes out as If-Range, so a server holding another version answers 200
+    with the whole new file, and every resumed answer must carry that same ETag and, for a 206,
+    start exactly at our position. The bytes already read cannot be taken back, so a changed file
+    is a `HubFileChanged` error (read it again), never a splice of two versions.
     """
 
     def __init__(self, url: str, what: str, expected_size: int | None = None):
         super().__init__()
         self.url, self.what, self.expected_size = url, what, expected_size
         self.pos = 0
+        self.etag: str | None = None  # the version being read; None before the first answer
         self._session = requests.Session()
         self._response: requests.Response | None = None
         try:
@@ -252,11 +288,27 @@ class HubStream(io.RawIOBase):
             raise
 
     def _open(self) -> None:
-        headers = {"Range": f"bytes={self.pos}-"} if self.pos else None
+        headers = None
+        if self.pos:
+            if self.etag is None:  # no (strong) validator: a resumed body could be of another version
+                raise HubFileChanged(f"{self.what}: the connection was cut at byte {self.pos} and the server "
+                                     "gave no ETag to resume the same version with; read the file again")
+            headers = {"Range": f"bytes={self.pos}-", "If-Range": self.etag}
         response = _get(self._session, self.url, self.what, headers)
         try:
+            etag = response.headers.get("ETag")
+            if not self.pos:
+                self.etag = etag if etag and not etag.startswith("W/") else None  # If-Range takes strong ones
+            elif etag != self.etag:
+                raise HubFileChanged(f"{self.what} changed on the Hub while it was read (ETag {self.etag} at "
+                                     f"byte {self.pos}, now {etag}); read it again to get the new version")
             if response.status_code == 206:
-                total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                content_range = response.headers.get("Content-Range", "")  # "bytes START-END/TOTAL"
+                start, _, total = content_range.removeprefix("bytes ").partition("-")
+                if start != str(self.pos):
+                    raise HubFileChanged(f"{self.what}: asked to resume at byte {self.pos}, the server sent "
+                                         f"Content-Range {content_range!r}; read the file again")
+                total = total.rpartition("/")[2]
                 self._check_size(int(total) if total.isdigit() else None)
             elif "Content-Length" in response.headers:
                 self._check_size(int(response.headers["Content-Length"]))
@@ -264,7 +316,7 @@ class HubStream(io.RawIOBase):
             response.close()
             raise
         if self.pos and response.status_code == 200:
-            # The server ignored Range and sends the whole file again: skip what we already have.
+            # The same version (its ETag matched) sent whole: the server ignored Range. Skip what we have.
             skip = self.pos
             while skip:
                 chunk = response.raw.read(min(skip, CHUNK), decode_content=False)
@@ -337,8 +389,7 @@ def open_stream(repo_id: str, path: str, revision: str = "main", expected_size: 
 def default_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home) / "hub"
+    return hf_home() / "hub"
 
 
 def _remote_meta(repo_id: str, path: str, revision: str, repo_type: str) -> tuple[str | None, int | None]:
@@ -353,6 +404,12 @@ def _remote_meta(repo_id: str, path: str, revision: str, repo_type: str) -> tupl
     if size is None and not response.is_redirect:
         size = response.headers.get("Content-Length")
     return etag, int(size) if size is not None else None
+
+
+def _copy(stream: io.BufferedReader, destination: Path) -> None:
+    with stream, open(destination, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            out.write(chunk)
 
 
 def download(repo_id: str, path: str, cache_dir: str | os.PathLike | None = None, revision: str = "main",
@@ -385,9 +442,13 @@ def download(repo_id: str, path: str, cache_dir: str | os.PathLike | None = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with open_stream(repo_id, path, revision, size, repo_type) as stream, open(tmp, "wb") as out:
-            while chunk := stream.read(CHUNK):
-                out.write(chunk)
+        try:
+            _copy(open_stream(repo_id, path, revision, size, repo_type), tmp)
+        except HubFileChanged:
+            # Replaced on the Hub half-way: unlike a stream being parsed, a download has handed nothing
+            # out yet, so it starts again from zero (once), checked against the new version's size.
+            etag, size = _remote_meta(repo_id, path, revision, repo_type)
+            _copy(open_stream(repo_id, path, revision, size, repo_type), tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ Windows never cross a shard boundary; the last `< seq_length` tokens of each sha
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import struct
 import sys
@@ -310,3 +311,13 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     print(f"pretokenize: {summary['records']} records -> {summary['tokens']} tokens ({summary['dtype']}) in "
           f"{len(summary['shards'])} shards, {summary['records_per_s']:.0f} records/s; "
           f"skipped {summary['bad_records'].total} bad records ({summary['bad_records']})", file=file)
+
+
+def pretokenize_command(args: argparse.Namespace) -> None:
+    """`minicodeparrot pretokenize`: tokenize --dataset into token shards under --output."""
+    from minicodeparrot.tokenizer import Tokenizer
+
+    summary = pretokenize(args.dataset, Tokenizer.from_pretrained(args.tokenizer), args.output,
+                          num_workers=args.num_workers, tokens_per_shard=args.tokens_per_shard,
+                          text_field=args.text_field, show_progress=not args.no_progress)
+    print_summary(summary)

@@ -259,6 +259,28 @@ def iter_records(sources: Any, text_field: str = "content", strict: bool = False
         warnings.warn(f"skipped {stats.total} bad records in total: {stats}", BadRecordWarning, stacklevel=2)
 
 
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """The objects of one local JSON-lines file (.jsonl, or .jsonl.gz) that must be read whole and
+    exactly -- HumanEval problems, a samples file, a staging file -- so, unlike `iter_records`, a bad
+    line is an error naming it, not a record to skip and count."""
+    source = Source(str(path), path=Path(path))
+    try:
+        for i, line in _iter_lines(source):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # JSONDecodeError's msg leaves out its own "line 1 column ..."
+                why = getattr(e, "msg", e)
+                raise UserError(f"{source.name}:{i + 1} is not valid JSON ({why}); "
+                                "expected one object per line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{source.name}:{i + 1} is not a JSON object; expected one object per line")
+            yield record
+    except (EOFError, zlib.error) as e:
+        raise UserError(f"{source.name} is truncated or corrupt ({e}); fetch or write it again") from None
+
+
 def iter_texts(spec: Any, n: int | None = None, text_field: str = "content") -> Iterator[str]:
     """The text field of the first `n` records (all when n is None): the input for tokenizer training."""
     for i, record in enumerate(iter_records(spec, text_field=text_field)):

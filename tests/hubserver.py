@@ -13,8 +13,12 @@ With `token` set, /api and /resolve need `Authorization: Bearer <token>` (else 4
 Faults: `body_faults` / `api_faults` are queues consumed one per request of that kind (a body request is
 one that would send file bytes): ("status", 503), ("status", 429, retry_after), ("cut", n_bytes) sends
 n bytes of the body and closes the connection, ("slow", seconds) waits before answering, ("ignore_range",)
-answers 200 with the whole file to a Range request. `random_faults(rate, seed)` draws such faults at random
-for body requests. Every request is logged in `log` as (method, path, headers).
+answers 200 with the whole file to a Range request, ("replace", data) overwrites the file with `data` (a new
+version, so a new ETag) and then answers normally, ("shift_range", k) answers a Range request from k bytes
+further on. A Range request with an If-Range ETag that is no longer the file's gets the whole file (200), as
+RFC 9110 says; `honour_if_range = False` makes the server ignore If-Range (a resumed answer is then of the
+new version). `random_faults(rate, seed)` draws faults at random for body requests. Every request is logged
+in `log` as (method, path, headers).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class HubServer:
         self.page_size = page_size
         self.cross_host = cross_host
         self.listed_size: dict[str, int] = {}  # path -> size to claim in the listing (size-mismatch tests)
+        self.honour_if_range = True
         self.body_faults: deque = deque()
         self.api_faults: deque = deque()
         self.log: list[tuple[str, str, dict]] = []
@@ -195,22 +200,29 @@ class _Handler(BaseHTTPRequestHandler):
         if fault[0] == "slow":
             time.sleep(fault[1])
             return None  # then answer normally (the client may have given up by then)
-        return fault  # "cut" and "ignore_range" act while sending the body
+        return fault  # "cut", "ignore_range", "shift_range" and "replace" act in _body
 
     def _body(self, file: Path | None, head: bool) -> None:
         if file is None:
             self._send(404, b'{"error":"Entry not found"}')
             return
-        data = file.read_bytes()
-        fault = None if head else self._fault("body", len(data))
+        fault = None if head else self._fault("body", file.stat().st_size)
         if fault is not None and fault[0] == "status":
             return
-        headers = {"ETag": f'"{etag_of(file)}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream"}
+        if fault is not None and fault[0] == "replace":
+            file.write_bytes(fault[1])
+        data = file.read_bytes()
+        etag = f'"{etag_of(file)}"'
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         status, start = 200, 0
         range_header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if self.hub.honour_if_range and if_range is not None and if_range != etag:
+            range_header = None  # another version than the client has: send it whole
         if range_header and not (fault and fault[0] == "ignore_range"):
             start = int(range_header.removeprefix("bytes=").split("-")[0])
+            if fault and fault[0] == "shift_range":
+                start += fault[1]
             if start >= len(data):
                 self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
                 return

@@ -146,6 +146,17 @@ def test_help_lists_all_subcommands(capsys) -> None:
         assert re.search(rf"^ +{command}\s", out, re.MULTILINE), command  # long names wrap: no space
 
 
+def test_parsing_imports_no_torch() -> None:
+    """`--help` and argument errors answer at once: the command bodies (and torch) load only when run."""
+    code = ("import sys\n"
+            "from minicodeparrot.cli import build_parser\n"
+            "build_parser().parse_args(['humaneval', '--samples', 's.jsonl'])\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('minicodeparrot.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['minicodeparrot.cli', 'minicodeparrot.errors']"
+
+
 def test_tokenize_rejects_file_and_dataset_together(gpt2_dir: Path, capsys) -> None:
     code, _, err = run_cli(["tokenize", "--tokenizer", str(gpt2_dir), "a.py", "--dataset", REPO], capsys)
     assert code == 2 and "not allowed with" in err

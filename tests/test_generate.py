@@ -34,9 +34,17 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """Our model and the reference with identical weights (random init, vocab 97 = CharTokenizer)."""
+    """Our model and the reference with identical weights (random init, vocab 97 = CharTokenizer).
+
+    The matrices are scaled up from GPT-2's init (std 0.02): at that init a greedy row repeats one
+    token whatever came before, so a KV cache holding another row's keys would go unnoticed.
+    """
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
     d = tmp_path_factory.mktemp("m")
     model.save_pretrained(d)
     return model, transformers.GPT2LMHeadModel.from_pretrained(d).eval()
@@ -76,19 +84,47 @@ def test_eos_stops_a_row_and_pads(pair):
     assert out.tolist() == free[: stop + 1].tolist()  # stopped right after eos, loop ended early
 
 
+def _token_only_in_row(free: torch.Tensor, row: int, start: int) -> tuple[int, int]:
+    """(position, token) of the first token of `row`'s continuation, from `start` on, that no other
+    row's continuation contains (nor `row` before it): made the end-of-text token, it makes `row`, and
+    only `row`, finish early."""
+    others = {t for r in range(free.size(0)) if r != row for t in free[r].tolist()}
+    for k in range(start, free.size(1)):
+        token = int(free[row, k])
+        if token not in others and token not in free[row, :k].tolist():
+            return k, token
+    raise AssertionError("no such token: pick another seed for the prompts")
+
+
+def test_a_row_leaving_the_batch_keeps_the_others_right(pair):
+    """The middle row of three finishes early and leaves the batch (the KV cache is reordered); the rows
+    that go on must still match transformers, which keeps every row to the end, and generating alone."""
+    model, ref = pair
+    x = torch.randint(1, 97, (3, 7), generator=torch.Generator().manual_seed(5))
+    free = generate(model, x, 30)[:, 7:]
+    k, eos = _token_only_in_row(free, row=1, start=3)
+    out = generate(model, x, 30, eos_token_id=eos, pad_token_id=0)
+    expected = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False,
+                            eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, expected)
+    assert out[1, 7:].tolist() == free[1, : k + 1].tolist() + [0] * (29 - k)  # row 1 stopped at step k < 29
+    for r in (0, 2):  # ran all 30 steps, most of them after row 1 had left
+        assert out[r, 7:].tolist() == free[r].tolist()
+        assert torch.equal(out[r], generate(model, x[r : r + 1], 30, eos_token_id=eos)[0])
+
+
 def test_stop_strings_per_row(pair):
     model, _ = pair
     tok = CharTokenizer()
     x = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(4))
     free = generate(model, x, 30)
-    text0 = tok.decode(free[0, 6:].tolist())
-    stop = text0[5:7]  # a string that greedy row 0 produces after 7 characters
+    text0, text1 = (tok.decode(free[r, 6:].tolist()) for r in (0, 1))
+    # A string that greedy row 0 produces after a few characters and row 1 never does.
+    stop = next(text0[i : i + 2] for i in range(3, len(text0) - 1) if text0[i : i + 2] not in text1)
     out = generate(model, x, 30, stop_strings=[stop], tokenizer=tok, pad_token_id=0)
     cont0 = tok.decode(out[0, 6:].tolist())
-    assert cont0 == text0[: text0.index(stop) + len(stop)]
-    row1 = tok.decode(free[1, 6:].tolist())
-    if stop not in row1:  # the other row is unaffected
-        assert tok.decode(out[1, 6:].tolist()) == row1
+    assert cont0 == text0[: text0.index(stop) + len(stop)] and len(cont0) < 30
+    assert tok.decode(out[1, 6:].tolist()) == text1  # the other row went on, unaffected
     with pytest.raises(UserError, match="tokenizer"):
         generate(model, x, 5, stop_strings=[stop])
 

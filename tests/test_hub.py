@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 from pathlib import Path
@@ -44,6 +45,10 @@ def server(repo_dir: Path, monkeypatch):
     with HubServer(datasets={REPO: repo_dir}, page_size=2) as s:
         monkeypatch.setenv("HF_ENDPOINT", s.url)
         yield s
+
+
+def etag_of_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_all(path: str, **kw) -> bytes:
@@ -122,6 +127,15 @@ def test_retries_5xx_and_429_then_succeeds(server: HubServer, repo_dir: Path) ->
     assert time.monotonic() - start >= 1.0  # Retry-After: 1 was honoured (base delay is 1 ms)
 
 
+@pytest.mark.parametrize("retry_after", ["soon", "nan", "Wed, 32 Foo 2015 07:28:00 GMT"])
+def test_malformed_retry_after_counts_as_absent(server: HubServer, repo_dir: Path, retry_after: str) -> None:
+    server.body_faults.append(("status", 503, retry_after))
+    start = time.monotonic()
+    assert read_all("file-000000000001.json.gz") == (repo_dir / "file-000000000001.json.gz").read_bytes()
+    assert time.monotonic() - start < 1.0  # the base delay (1 ms), not a crash or max_delay
+    assert len(server.requests_to("/cdn/")) == 2
+
+
 def test_out_of_retries_names_url_and_status(server: HubServer) -> None:
     server.api_faults.extend([("status", 503)] * 10)
     with pytest.raises(HubError, match=r"gave up on http://127\.0\.0\.1:\d+/api/datasets/owner/codeparrot-mini/"
@@ -138,6 +152,47 @@ def test_cut_connection_resumes_with_range(server: HubServer, repo_dir: Path, ig
     assert read_all("file-000000000000.json.gz", expected_size=len(data)) == data
     ranges = [r[2].get("Range") for r in server.requests_to("/cdn/")]
     assert ranges == [None, "bytes=5000-"] + ([] if ignore_range else ["bytes=14000-"])
+
+
+def _new_version_of_same_size(data: bytes) -> bytes:
+    new = bytearray(data)
+    new[-100:] = bytes(b ^ 0xFF for b in new[-100:])  # only bytes after the cut differ
+    return bytes(new)
+
+
+@pytest.mark.parametrize("honour_if_range", [True, False])
+def test_file_replaced_between_requests_is_not_spliced(server: HubServer, repo_dir: Path,
+                                                       honour_if_range: bool) -> None:
+    """Cut at byte 5000, then the file is replaced by one of the same size before the resume: the bytes
+    before the cut are the old version's, so the resume must fail, not deliver old[:5000] + new[5000:]."""
+    path = repo_dir / "file-000000000000.json.gz"
+    old = path.read_bytes()
+    new = _new_version_of_same_size(old)
+    server.honour_if_range = honour_if_range  # False: a 206 of the new version, caught by its ETag
+    server.body_faults.extend([("cut", 5000), ("replace", new)])
+    with pytest.raises(hub.HubFileChanged, match="changed on the Hub while it was read.*read it again"):
+        read_all("file-000000000000.json.gz", expected_size=len(old))
+    resumed = server.requests_to("/cdn/")[1][2]
+    assert resumed["Range"] == "bytes=5000-" and resumed["If-Range"] == f'"{etag_of_bytes(old)}"'
+    assert read_all("file-000000000000.json.gz") == new  # read again: the new version, whole
+
+
+def test_download_of_a_file_replaced_half_way_starts_again(server: HubServer, repo_dir: Path) -> None:
+    path = repo_dir / "file-000000000000.json.gz"
+    new = _new_version_of_same_size(path.read_bytes())
+    server.body_faults.extend([("cut", 5000), ("replace", new)])
+    assert download(REPO, "file-000000000000.json.gz").read_bytes() == new
+    assert [r[2].get("Range") for r in server.requests_to("/cdn/")] == [None, "bytes=5000-", None]
+    bodies = len(server.requests_to("/cdn/"))
+    download(REPO, "file-000000000000.json.gz")
+    assert len(server.requests_to("/cdn/")) == bodies  # the sidecar holds the new version's etag
+
+
+def test_resume_must_start_where_it_was_cut(server: HubServer, repo_dir: Path) -> None:
+    data = (repo_dir / "file-000000000000.json.gz").read_bytes()
+    server.body_faults.extend([("cut", 5000), ("shift_range", 7)])
+    with pytest.raises(hub.HubFileChanged, match=r"resume at byte 5000.*'bytes 5007-"):
+        read_all("file-000000000000.json.gz", expected_size=len(data))
 
 
 def test_slow_response_times_out_and_is_retried(server: HubServer, repo_dir: Path, monkeypatch) -> None:
