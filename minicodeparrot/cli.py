@@ -471,7 +471,9 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="model directory: generate completions, then score them")
     src.add_argument("--samples", help='score a .jsonl of {"task_id", "completion"} lines (no model needed)')
     p.add_argument("--allow-code-execution", action="store_true",
-                   help="run the untrusted completions (best-effort sandbox; use a container)")
+                   help="run the untrusted completions (sandboxed; still, use a throw-away VM or container)")
+    p.add_argument("--require-isolation", action="store_true",
+                   help="refuse to run anything unless the kernel gives the sandbox Landlock and seccomp")
     p.add_argument("--generate-only", action="store_true",
                    help="with --model: only write samples.jsonl, execute nothing")
     p.add_argument("--tokenizer", help="with --model: tokenizer directory (default: the model directory)")
@@ -558,7 +560,7 @@ def _humaneval(args: argparse.Namespace) -> None:
         if args.generate_only:
             return
     report = ev.score_samples(problems, samples, timeout=args.timeout, num_workers=args.num_workers,
-                              show_progress=show)
+                              show_progress=show, require_isolation=args.require_isolation)
     report.update(info)
     summary_path, per_sample_path = ev.write_results(out, report)
     n_tasks, n_missing = len(report["tasks"]), len(report["tasks_without_samples"])

@@ -139,18 +139,22 @@ def score_samples(
     timeout: float = 3.0,
     num_workers: int | None = None,
     show_progress: bool = True,
+    require_isolation: bool = False,
 ) -> dict:
     """Run every sample against its task's tests in the sandbox.
 
     Returns {"pass@k": {...}, "tasks": {task_id: {"n", "c"}}, "samples": [per-sample results],
-    "tasks_without_samples": [...], "execution_seconds": float}. Tasks without samples are left out
-    of pass@k and listed, not silently dropped.
+    "tasks_without_samples": [...], "execution_seconds": float, "isolation": str}. Tasks without
+    samples are left out of pass@k and listed, not silently dropped. `isolation` is what the sandbox
+    confines programs with here (sandbox.check_isolation).
     """
-    from minicodeparrot.sandbox import run_programs
+    from minicodeparrot.sandbox import check_isolation, run_programs
 
+    isolation = check_isolation(require_isolation)  # before anything runs: refuses or warns
     start = time.perf_counter()
     programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
-    results = run_programs(programs, timeout=timeout, num_workers=num_workers, show_progress=show_progress)
+    results = run_programs(programs, timeout=timeout, num_workers=num_workers, show_progress=show_progress,
+                           require_isolation=require_isolation)
     tasks: dict[str, dict] = {}
     per_sample = []
     for s, r in zip(samples, results, strict=True):
@@ -166,6 +170,7 @@ def score_samples(
         "samples": per_sample,
         "tasks_without_samples": [tid for tid in problems if tid not in tasks],
         "execution_seconds": time.perf_counter() - start,
+        "isolation": isolation,
     }
 
 
