@@ -43,7 +43,6 @@ from minicodeparrot import sandbox_child
 from minicodeparrot.errors import UserError
 
 PASSED, FAILED, TIMED_OUT = "passed", "failed", "timed out"
-AUDIT_HOOK_ONLY = "audit hook only"
 
 # Interpreter start-up is not the program's time: the parent's hard kill comes this much later than
 # the child's own alarm (start-up is ~60 ms, but the machine may be busy with other work).

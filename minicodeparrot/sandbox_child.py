@@ -1,21 +1,26 @@
 """The inside of the sandbox: a child process confines itself with the kernel, then runs one program.
 
-`sandbox.run_program` starts this file as a script, `python -I -B sandbox_child.py TOKEN_FD RESULT_FD
-TIMEOUT MEMORY_MB MAX_FILE_MB REQUIRE`, with the program on stdin. It imports only the standard library:
-it must not pull the package (and its read paths) in. Before the program runs it applies, in this order
-(each step needs the powers that the next one takes away):
+`sandbox.run_program` loads this file in a fresh `python -I -B` and calls `main()` with argv
+`TOKEN_FD RESULT_FD TIMEOUT MEMORY_MB MAX_FILE_MB REQUIRE` and the program on stdin. It imports only the
+standard library: the package (and its read paths) stays out. Before the program runs it applies, in
+this order (each step needs powers that the next one takes away):
 
 1. rlimits: CPU seconds, address space, size of one file, open files, no core dumps;
-2. a size- and inode-capped tmpfs over its working directory, in a user + mount namespace of its own
-   (the only way without root to cap the *total* bytes and files written: RLIMIT_FSIZE caps one file);
-3. Landlock: read only the Python installation and the shared libraries it maps, write only in the
-   working directory, no TCP (ABI >= 4), signals and abstract unix sockets scoped to itself (ABI >= 6);
+2. a size- and inode-capped tmpfs over its working directory, in a user + mount namespace of its own:
+   without root, the only way to cap the *total* written (RLIMIT_FSIZE caps one file). Where user
+   namespaces are off, the audit hook counts created files instead (<= 256 x the one-file cap): a
+   second-layer bound only, and past it only the time limit bounds what a program writes;
+3. Landlock: read only the Python installation and the directories of the libraries it maps, write only
+   in the working directory, no TCP (ABI >= 4), signals and abstract unix sockets scoped to itself
+   (ABI >= 6). Landlock does not cover UDP, raw sockets or connecting to a unix socket by path: seccomp
+   refuses all sockets for that;
 4. all capabilities dropped (a root child keeps none, and none inside its user namespace);
 5. seccomp-bpf: no new processes, no exec, no sockets, no ptrace or cross-process memory, no signals to
-   other processes, no namespaces, mounts, io_uring, bpf, keyrings or rlimit raising;
-6. an audit hook, as a second layer: it also refuses what the kernel layers would, with a clearer
-   message. It is Python code in the program's own interpreter, so a program can switch it off (the
-   issue's attack rewrote its closure cells; `gc` reaches it too): it is not counted as isolation.
+   other processes, no namespaces, mounts, io_uring, bpf, keyrings or rlimit raising. A deny list: the
+   syscalls not named are allowed, and Landlock confines what those (open, rename, ...) reach;
+6. an audit hook, as a second layer: it refuses the same things with clearer messages. It is Python
+   code in the program's own interpreter, so a program can switch it off (the issue's attack rewrote
+   its closure cells; `gc` reaches it too): it is not counted as isolation.
 
 Steps 2-5 are best effort: what could be applied is reported as one string (`landlock abi 7 + seccomp
 + tmpfs quota`, or `audit hook only`), and with REQUIRE=1 the program is not run unless Landlock and
