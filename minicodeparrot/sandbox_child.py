@@ -67,7 +67,13 @@ _ARCHES = {
         "mount_setattr": 442, "keyctl": 250, "add_key": 248, "request_key": 249, "kexec_load": 246,
         "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176,
         "capset": 126, "name_to_handle_at": 303, "open_by_handle_at": 304, "truncate": 76, "acct": 163,
-        "reboot": 169, "swapon": 167, "swapoff": 168,
+        "reboot": 169, "swapon": 167, "swapoff": 168, "chmod": 90, "fchmod": 91, "fchmodat": 268,
+        "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "utime": 132,
+        "utimes": 235, "futimesat": 261, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
+        "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "setxattrat": 463,
+        "removexattrat": 466, "setpriority": 141, "ioprio_set": 251, "sched_setaffinity": 203,
+        "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314, "migrate_pages": 256,
+        "move_pages": 279,
     }),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "execve": 221, "execveat": 281, "socket": 198, "socketpair": 199,
@@ -81,10 +87,15 @@ _ARCHES = {
         "add_key": 217, "request_key": 218, "kexec_load": 104, "kexec_file_load": 294,
         "init_module": 105, "finit_module": 273, "delete_module": 106, "capset": 91,
         "name_to_handle_at": 264, "open_by_handle_at": 265, "truncate": 45, "acct": 89, "reboot": 142,
-        "swapon": 224, "swapoff": 225,
+        "swapon": 224, "swapoff": 225, "fchmod": 52, "fchmodat": 53, "fchmodat2": 452, "fchown": 55,
+        "fchownat": 54, "utimensat": 88, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14,
+        "lremovexattr": 15, "fremovexattr": 16, "setxattrat": 463, "removexattrat": 466, "setpriority": 140,
+        "ioprio_set": 30, "sched_setaffinity": 122, "sched_setscheduler": 119, "sched_setparam": 118,
+        "sched_setattr": 274, "migrate_pages": 238, "move_pages": 239,
     }),
 }
-# Refused outright. clone, clone3, kill, tgkill, socketpair and prlimit64 get argument checks below.
+# Refused outright (those an arch lacks are skipped). clone, clone3, kill, tgkill, socketpair and
+# prlimit64 get argument checks below.
 _DENIED = (
     "fork", "vfork", "execve", "execveat", "socket", "ptrace", "process_vm_readv", "process_vm_writev",
     "process_madvise", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "tkill", "rt_sigqueueinfo",
@@ -94,6 +105,14 @@ _DENIED = (
     "add_key", "request_key", "kexec_load", "kexec_file_load", "init_module", "finit_module",
     "delete_module", "capset", "name_to_handle_at", "open_by_handle_at", "truncate", "acct", "reboot",
     "swapon", "swapoff",
+    # Landlock has no right for these: an owner (a root child owns most of the system) could change the
+    # mode, owner, times or xattrs of files it may not write, e.g. chmod 777 something in /etc.
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes",
+    "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
+    "fremovexattr", "setxattrat", "removexattrat",
+    # Same-uid processes outside (every root process, for a root child) could be reniced or pinned.
+    "setpriority", "ioprio_set", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
+    "sched_setattr", "migrate_pages", "move_pages",
 )
 _EPERM, _ENOSYS, _AF_UNIX, _CLONE_THREAD = 1, 38, 1, 0x00010000
 _TMPFS_FILES = 256  # inodes in the tmpfs quota; its bytes are 4x the one-file cap

@@ -77,6 +77,11 @@ def _escapes(tmp: str, tcp: int, udp: int, unix: str, abstract: str, victim: int
         "fs_remove": f"os.remove('{tmp}/keep.txt')\n",
         "fs_rmtree": f"import shutil\nshutil.rmtree('{tmp}/keep_dir')\n",
         "fs_truncate": f"os.truncate('{tmp}/keep.txt', 0)\n",
+        # metadata: Landlock has no right for these, seccomp refuses them
+        "fs_chmod": f"os.chmod('{tmp}/keep.txt', 0o777)\n",
+        "fs_chmod_readable": "import sys\nos.chmod(sys.executable, os.stat(sys.executable).st_mode)\n",
+        "fs_utime": f"os.utime('{tmp}/keep.txt', (0, 0))\n",
+        "fs_xattr": f"os.setxattr('{tmp}/keep.txt', 'user.x', b'1')\n",
         "fs_proc_of_parent": "raise ValueError(open(f'/proc/{os.getppid()}/environ').read())\n",
         "fs_proc_of_victim": f"os.listdir('/proc/{victim}/root')\n",
         # processes
@@ -89,6 +94,7 @@ def _escapes(tmp: str, tcp: int, udp: int, unix: str, abstract: str, victim: int
         "proc_ctypes_fork": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\npid = libc.fork()\n"
                             "if pid == 0:\n    os._exit(0)\n"
                             "if pid < 0:\n    raise PermissionError(os.strerror(ctypes.get_errno()))\n",
+        "proc_renice_other": f"os.setpriority(os.PRIO_PROCESS, {victim}, 19)\n",
         # signals: SIGKILL to a process the test started (which must survive), 0 to the parent
         "sig_kill": f"os.kill({victim}, 9)\n",
         "sig_killpg": f"os.killpg({victim}, 9)\n",
@@ -155,6 +161,7 @@ def _programs(tmp: str) -> dict[str, str]:
 def outcome(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("outside")
     (tmp / "keep.txt").write_text("keep")
+    keep_mode = (tmp / "keep.txt").stat().st_mode
     (tmp / "secret.txt").write_text("s3cr3t-content")
     (tmp / "keep_dir").mkdir()
     (tmp / "keep_dir" / "a.txt").write_text("keep")
@@ -194,7 +201,7 @@ def outcome(tmp_path_factory):
         for s in [*listeners, udp]:
             s.close()
     return {"results": dict(zip(programs, results, strict=True)), "tmp": tmp, "reached": reached,
-            "victim_alive": victim_alive}
+            "victim_alive": victim_alive, "keep_mode": keep_mode}
 
 
 def _contained(r, errors=("PermissionError", "Errno 1]", "Errno 13]", "Errno 18]")) -> bool:
@@ -278,6 +285,8 @@ def test_filesystem_escapes_are_contained(outcome, name):
     tmp = outcome["tmp"]
     assert not list(tmp.glob("escaped*"))
     assert (tmp / "keep.txt").read_text() == "keep" and (tmp / "keep_dir" / "a.txt").exists()
+    keep = (tmp / "keep.txt").stat()
+    assert keep.st_mode == outcome["keep_mode"] and keep.st_mtime > 0
     assert "PATH=" not in r.reason and "s3cr3t" not in r.reason  # nothing of the parent's leaks back
 
 
