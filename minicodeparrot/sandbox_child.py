@@ -397,7 +397,8 @@ def main() -> None:
         status, reason = "failed", f"sandbox: kernel isolation required but only {isolation} is available"
     else:
         status, reason = run(program, timeout)
-    os.write(result_fd, f"{token} {status}|{reason}\n".encode("utf-8", "backslashreplace"))
+    # On a line of its own, whatever the program left unterminated on this pipe.
+    os.write(result_fd, f"\n{token} {status}|{reason}\n".encode("utf-8", "backslashreplace"))
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()

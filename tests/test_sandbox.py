@@ -152,6 +152,9 @@ def _programs(tmp: str) -> dict[str, str]:
         "threads": "import threading\nt = threading.Thread(target=print)\nt.start()\nt.join()\n",
         "tamper_hook": DISARM,
         "forge": forge,
+        # junk without a newline on every descriptor, the result pipe included: still judged, and passed
+        "scribble": "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'junk')\n"
+                    "    except OSError:\n        pass\n",
         "sys_exit_0": "import sys\nsys.exit(0)\n",
         "os_exit_0": "import os\nos._exit(0)\n",
     }
@@ -214,6 +217,7 @@ def test_correct_program_passes_and_wrong_ones_fail(outcome):
     assert r["ok"].status == PASSED and r["ok"].reason == ""
     assert r["wrong"].status == FAILED and r["wrong"].reason == "AssertionError: arithmetic"
     assert r["syntax"].status == FAILED and r["syntax"].reason.startswith("SyntaxError")
+    assert r["scribble"].status == PASSED, r["scribble"]
 
 
 def test_every_child_reports_the_isolation_in_force(outcome):
