@@ -372,3 +372,56 @@ def test_humaneval_writes_the_isolation_into_results_json(tmp_path):
               "--require-isolation", "--no-progress", "--output-dir", str(tmp_path / "out")])
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert summary["isolation"] == ISOLATION
+
+
+def _header_numbers(path: str) -> dict[str, int]:
+    import re
+
+    text = open(path).read()
+    return {m[1]: int(m[2]) for m in re.finditer(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b", text)}
+
+
+@pytest.mark.parametrize("arch, header", [("x86_64", "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"),
+                                          ("aarch64", "/usr/include/asm-generic/unistd.h")])
+def test_seccomp_syscall_numbers_match_the_kernel_headers(arch, header):
+    # aarch64 uses the generic table. A name missing from a table would be skipped silently, so every
+    # refused name must be there, bar the legacy calls aarch64 never had.
+    from minicodeparrot.sandbox_child import _ARCHES, _DENIED
+
+    numbers = _ARCHES[arch][1]
+    legacy = {"fork", "vfork", "chmod", "chown", "lchown", "utime", "utimes", "futimesat"}
+    missing = set(_DENIED) - set(numbers)
+    assert missing == (set() if arch == "x86_64" else legacy)
+    if not os.path.exists(header):
+        pytest.skip(f"no kernel headers at {header}")
+    reference = _header_numbers(header)
+    checked = {name: nr for name, nr in numbers.items() if name in reference}
+    assert checked == {name: reference[name] for name in checked}
+    assert len(checked) >= len(numbers) - 3  # only syscalls newer than the headers go unchecked
+
+
+@pytest.mark.skipif("landlock" not in ISOLATION, reason=f"no Landlock on this machine: {ISOLATION}")
+@pytest.mark.parametrize("abi", range(1, 8))
+def test_older_landlock_abis_get_the_rights_they_know(tmp_path, abi):
+    # This kernel speaks the newest ABI; ask for each older one as an older kernel would be asked.
+    kernel_abi = int(ISOLATION.split("landlock abi ")[1].split()[0])
+    if abi > kernel_abi:
+        pytest.skip(f"the kernel speaks Landlock ABI {kernel_abi}")
+    import minicodeparrot.sandbox_child as child
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("outside")
+    work = tmp_path / "work"
+    work.mkdir()
+    program = (
+        "import importlib.util as u, sys\n"
+        f"s = u.spec_from_file_location('c', {child.__file__!r})\n"
+        "c = u.module_from_spec(s)\ns.loader.exec_module(c)\n"
+        f"ctypes, libc = c._libc()\nc.apply_landlock(ctypes, libc, {abi}, {str(work)!r})\n"
+        f"open({str(work / 'inside.txt')!r}, 'w').write('x')\n"
+        "import hashlib, json, decimal\n"  # extension modules load after the rules are in force
+        f"try:\n    open({str(outside)!r}).read()\nexcept PermissionError:\n    print('denied')\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "denied\n", out.stderr
+    assert (work / "inside.txt").read_text() == "x"
