@@ -291,9 +291,12 @@ def confine(work: str, max_file_mb: int) -> list[str]:
         pass
     try:
         drop_capabilities(ctypes, libc)
+    except (OSError, KeyError):  # KeyError: no syscall table for this machine; seccomp says so below
+        pass
+    try:
         apply_seccomp(ctypes, libc)
         seccomp = "seccomp"
-    except (OSError, KeyError):
+    except OSError:
         pass
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
         del sys.modules[name]  # so the program's `import ctypes` reaches the audit hook again
