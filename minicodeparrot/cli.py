@@ -508,6 +508,10 @@ def _humaneval(args: argparse.Namespace) -> None:
             "that is not a security boundary; re-run with --allow-code-execution (ideally in a container "
             f"without network or credentials){alternative}"
         )
+    if args.require_isolation and not args.generate_only:
+        from minicodeparrot.sandbox import check_isolation
+
+        check_isolation(require=True)  # refuse before minutes of generation, not after them
     if args.n_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--n-samples, --batch-size and --limit must be >= 1")
     if args.timeout <= 0 or (args.num_workers is not None and args.num_workers < 1):

@@ -26,13 +26,13 @@ passed, in case the program swallows the alarm.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -170,45 +170,45 @@ def _classify(
     return ExecResult(FAILED, reason, seconds, isolation)
 
 
-_isolation_lock = threading.Lock()
-_isolation: list[str] = []
-
-
+@functools.cache
 def isolation_in_force() -> str:
     """What confines a child on this machine, e.g. `landlock abi 7 + seccomp + tmpfs quota`.
 
     Found by running an empty program once (per process) through the real path, so it reports what a
     child actually got, not what the kernel advertises.
     """
-    with _isolation_lock:
-        if not _isolation:
-            probe = run_program("", timeout=10.0)
-            if not probe.passed or not probe.isolation:
-                raise RuntimeError(f"the sandbox cannot run even an empty program: {probe.reason}")
-            _isolation.append(probe.isolation)
-        return _isolation[0]
+    probe = run_program("", timeout=10.0)
+    if not probe.passed or not probe.isolation:
+        raise RuntimeError(f"the sandbox cannot run even an empty program: {probe.reason}")
+    return probe.isolation
 
 
 def has_kernel_isolation(isolation: str) -> bool:
     return "landlock" in isolation and "seccomp" in isolation
 
 
+_announced: set[str] = set()
+
+
 def check_isolation(require: bool = False) -> str:
-    """Print the isolation in force once; without Landlock and seccomp, warn loudly, or refuse if required."""
+    """Print the isolation in force (once per process); without Landlock and seccomp, warn loudly, or
+    refuse if required. Callers may check early (before generating) and again before running."""
     isolation = isolation_in_force()
     if has_kernel_isolation(isolation):
-        print(f"sandbox: {isolation}")
+        if isolation not in _announced:
+            print(f"sandbox: {isolation}")
     elif require:
         raise UserError(
             f"kernel isolation is required but the sandbox gets only '{isolation}' here (Landlock and "
             "seccomp need Linux >= 5.13 with Landlock enabled); run where both are available, or without "
             "--require-isolation inside a throw-away VM or container"
         )
-    else:
+    elif isolation not in _announced:
         bar = "!" * 100
         print(f"{bar}\nWARNING: the sandbox gets only '{isolation}' on this machine: model-written code "
               "can reach your files, processes and network.\nRun this inside a throw-away VM or container "
               f"(or use --require-isolation to refuse).\n{bar}", file=sys.stderr)
+    _announced.add(isolation)
     return isolation
 
 

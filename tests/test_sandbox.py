@@ -358,8 +358,12 @@ def test_isolation_is_printed_once_and_required_on_demand(monkeypatch, capsys):
 
     assert check_isolation() == ISOLATION
     monkeypatch.setattr(sandbox, "isolation_in_force", lambda: "audit hook only")
+    monkeypatch.setattr(sandbox, "_announced", set())
+    capsys.readouterr()
     assert check_isolation() == "audit hook only"
     assert "WARNING: the sandbox gets only 'audit hook only'" in capsys.readouterr().err
+    assert check_isolation() == "audit hook only"
+    assert capsys.readouterr().err == ""  # once per process
     with pytest.raises(UserError, match="kernel isolation is required"):
         check_isolation(require=True)
 
@@ -427,3 +431,15 @@ def test_the_ruleset_of_each_landlock_abi_confines_and_keeps_python_working(tmp_
     out = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout == "denied\n", out.stderr
     assert (work / "inside.txt").read_text() == "x"
+
+
+def test_require_isolation_refuses_before_generating(monkeypatch, capsys, tmp_path):
+    import minicodeparrot.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "isolation_in_force", lambda: "audit hook only")
+    # No model at that path: the refusal must come first, not a model-loading error minutes later.
+    with pytest.raises(SystemExit) as e:
+        cli.main(["humaneval", "--model", str(tmp_path / "no-model"), "--allow-code-execution",
+                  "--require-isolation"])
+    assert e.value.code == 2
+    assert "kernel isolation is required but the sandbox gets only 'audit hook" in capsys.readouterr().err
