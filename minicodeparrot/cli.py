@@ -386,7 +386,9 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="model directory: generate completions, then score them")
     src.add_argument("--samples", help='score a .jsonl of {"task_id", "completion"} lines (no model needed)')
     p.add_argument("--allow-code-execution", action="store_true",
-                   help="run the untrusted completions (best-effort sandbox; use a container)")
+                   help="run the untrusted completions (sandboxed; still, use a throw-away VM or container)")
+    p.add_argument("--require-isolation", action="store_true",
+                   help="refuse to run anything unless the kernel gives the sandbox Landlock and seccomp")
     p.add_argument("--generate-only", action="store_true",
                    help="with --model: only write samples.jsonl, execute nothing")
     p.add_argument("--tokenizer", help="with --model: tokenizer directory (default: the model directory)")

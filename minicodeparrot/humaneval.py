@@ -123,18 +123,22 @@ def score_samples(
     timeout: float = 3.0,
     num_workers: int | None = None,
     show_progress: bool = True,
+    require_isolation: bool = False,
 ) -> dict:
     """Run every sample against its task's tests in the sandbox.
 
     Returns {"pass@k": {...}, "tasks": {task_id: {"n", "c"}}, "samples": [per-sample results],
-    "tasks_without_samples": [...], "execution_seconds": float}. Tasks without samples are left out
-    of pass@k and listed, not silently dropped.
+    "tasks_without_samples": [...], "execution_seconds": float, "isolation": str}. Tasks without
+    samples are left out of pass@k and listed, not silently dropped. `isolation` is what the sandbox
+    confines programs with here (sandbox.check_isolation).
     """
-    from minicodeparrot.sandbox import run_programs
+    from minicodeparrot.sandbox import check_isolation, run_programs
 
+    isolation = check_isolation(require_isolation)  # before anything runs: refuses or warns
     start = time.perf_counter()
     programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
-    results = run_programs(programs, timeout=timeout, num_workers=num_workers, show_progress=show_progress)
+    results = run_programs(programs, timeout=timeout, num_workers=num_workers, show_progress=show_progress,
+                           require_isolation=require_isolation)
     tasks: dict[str, dict] = {}
     per_sample = []
     for s, r in zip(samples, results, strict=True):
@@ -150,6 +154,7 @@ def score_samples(
         "samples": per_sample,
         "tasks_without_samples": [tid for tid in problems if tid not in tasks],
         "execution_seconds": time.perf_counter() - start,
+        "isolation": isolation,
     }
 
 
@@ -262,10 +267,14 @@ def check_options(args: argparse.Namespace) -> None:
     if not args.allow_code_execution and not args.generate_only:
         alternative = ", or --generate-only to only write samples" if args.model else ""
         raise UserError(
-            "refusing to run model-written code: it would execute on this machine in a best-effort sandbox "
-            "that is not a security boundary; re-run with --allow-code-execution (ideally in a container "
-            f"without network or credentials){alternative}"
+            "refusing to run model-written code without --allow-code-execution: the sandbox confines it "
+            "with the kernel's Landlock and seccomp where available, but a throw-away VM or container "
+            f"without network or credentials is still the place for untrusted models{alternative}"
         )
+    if args.require_isolation and not args.generate_only:
+        from minicodeparrot.sandbox import check_isolation
+
+        check_isolation(require=True)  # refuse before minutes of generation, not after them
     if args.n_samples < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise UserError("--n-samples, --batch-size and --limit must be >= 1")
     if args.timeout <= 0 or (args.num_workers is not None and args.num_workers < 1):
@@ -330,7 +339,7 @@ def humaneval_command(args: argparse.Namespace) -> None:
         samples, generation_info = generated
         info.update(generation_info)
     report = score_samples(problems, samples, timeout=args.timeout, num_workers=args.num_workers,
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress, require_isolation=args.require_isolation)
     report.update(info)
     summary_path, per_sample_path = write_results(out, report)
     n_tasks, n_missing = len(report["tasks"]), len(report["tasks_without_samples"])
