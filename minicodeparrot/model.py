@@ -267,12 +267,14 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # SDPA takes dropout as an argument, not a module: it must be turned off by hand in eval mode.
         dropout_p = self.attn_pdrop if self.training else 0.0
         if self.upcast:
             # reorder_and_upcast_attn: scores and softmax in fp32 even under autocast, the 1.5B run's guard
-            # against fp16/bf16 overflow of q.k. GPT2LMHeadModel (eager attention) also folds the scale
-            # into q before the matmul ("reorder") and multiplies the fp32 probabilities with v in v's
-            # dtype; SDPA in fp32 does both in fp32, equal within half precision.
+            # against fp16/bf16 overflow of q.k. GPT2LMHeadModel (eager attention only; its SDPA path ignores
+            # the flag) applies the scale inside the fp32 q.k matmul ("reorder") and then multiplies the
+            # probabilities, cast back to v's dtype, with v; SDPA in fp32 keeps that product in fp32 too,
+            # equal within half precision.
             with torch.autocast(x.device.type, enabled=False):
                 y = F.scaled_dot_product_attention(
                     q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -282,13 +284,14 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
             )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: [h0 | h1 | ...]
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        # GPT-2's n_inner is always 4 * n_embd (config.json's n_inner: null); other widths are refused.
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
@@ -316,7 +319,11 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to `max_len`."""
+    """Keys and values of every layer for the positions seen so far, preallocated to `max_len`.
+
+    Generation then feeds one new token per step instead of the whole sequence: its query attends to the
+    cached keys and values, which do not change once computed (attention is causal).
+    """
 
     def __init__(self, n_layer: int, max_len: int):
         self.max_len = max_len
@@ -394,7 +401,7 @@ class GPT(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-        return_logits: bool | None = None,
+        return_logits: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits, loss): logits [B, T, vocab_size] or None, loss a scalar or None.
 
@@ -405,11 +412,13 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         past = kv_cache.pos if kv_cache is not None else 0
+        # GPT-2's positions are a learned table, not a formula: there is no embedding past n_positions.
         if past + T > self.config.n_positions:
             raise UserError(
                 f"sequence of {past + T} tokens exceeds the model's n_positions={self.config.n_positions}; "
                 "shorten the input"
             )
+        # With a KV cache, the new tokens sit after the `past` ones already stored.
         pos = torch.arange(past, past + T, device=input_ids.device)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))
         for block in self.transformer.h:
