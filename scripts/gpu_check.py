@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,8 @@ def section_resume(out: Path) -> None:
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
                 "minicodeparrot.train"]
     ref, cut = work / "ref", work / "cut"
+    for d in (ref, cut):  # a rerun starts both runs afresh (corpus and tokenizer are kept)
+        shutil.rmtree(d, ignore_errors=True)
     t0 = time.time()
     _run([*torchrun, *train_args, "--output-dir", str(ref)], log, 300, env)
     result["reference_run_s"] = time.time() - t0
@@ -275,8 +278,9 @@ def section_resume(out: Path) -> None:
     result["steps_compared"] = len(diffs)
     result["final_loss"] = ref_m[max(ref_m)]["loss"] if ref_m else None
     waits = [(m.get("data_wait_s"), m.get("tokens_per_s")) for _, m in sorted(ref_m.items())]
-    if any(w is None for w, _ in waits):
-        result["data_wait_error"] = "metrics.jsonl has no data_wait_s (the loop's flag not landed yet?)"
+    if any(w is None for w, _ in waits) or any(not t for _, t in waits):
+        result["data_wait_error"] = ("metrics.jsonl entries lack data_wait_s or tokens_per_s (the loop's "
+                                     "data-wait metric not landed yet?)")
     else:
         # Step time from the logged throughput: tokens per step / tokens per second.
         tokens_per_step = (2 * 64) if SMOKE else 12 * 1024
@@ -314,15 +318,16 @@ def section_xl(out: Path) -> None:
     start = time.time()
 
     def fits(batch: int) -> bool:
+        row = None
         try:
             row = bench.run_config(f"gpt2-xl ckpt b{batch}", "ours", config, batch, seq, device, not SMOKE,
                                    False, True, 1, 1)
         except torch.OutOfMemoryError:
-            result["probes"].append({"batch": batch, "fits": False})
+            pass
+        bench._free(device)  # outside the except block: the traceback no longer pins the tensors
+        result["probes"].append({"batch": batch, "fits": row is not None, **(row or {})})
+        if row is None:
             return False
-        finally:
-            bench._free(device)
-        result["probes"].append({"batch": batch, "fits": True, **row})
         if result.get("best") is None or batch > result["best"]["batch"]:
             result["best"] = row
         return True
@@ -343,6 +348,7 @@ def section_xl(out: Path) -> None:
             hi = mid
         _save(out, "xl", result)
     result["largest_micro_batch"] = lo
+    result["smallest_failing_batch"] = hi
     result["search_complete"] = hi is not None and hi - lo <= 1 or batch > cap
     result["search_s"] = time.time() - start
     _save(out, "xl", result)

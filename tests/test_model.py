@@ -358,6 +358,14 @@ def test_torch_compile_matches_eager(monkeypatch):
         torch.testing.assert_close(compiled_grads["_orig_mod." + name], g, atol=1e-6, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, labels=x)[1], eager_loss, atol=1e-6, rtol=0)
+    # bf16 autocast (the fused loss reads the autocast state inside the traced function) and activation
+    # checkpointing under compile.
+    model.gradient_checkpointing = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_bf16 = _loss_and_grads(model, x, x)[0]
+        compiled_bf16 = _loss_and_grads(compiled, x, x)[0]
+    torch.testing.assert_close(compiled_bf16, eager_bf16, atol=1e-6, rtol=0)
+    assert abs(eager_bf16.item() - eager_loss.item()) > 0  # autocast really ran in bf16
     assert time.time() - start < 60
 
 
