@@ -123,7 +123,7 @@ class TokenEmbedding(nn.Embedding):
     """The token embedding, which GPT-2 also uses as its output layer, with room for vocabulary padding.
 
     GPT-2 ties input and output embeddings: the logits are h @ wte.weight.T, one [vocab, n_embd] matrix
-    learned from both ends (a third of CodeParrot-small's parameters; untied it would be two thirds).
+    learned from both ends (25M of CodeParrot-small's 111M parameters; untying would add 25M more).
     The matrix may hold more rows than the vocabulary, rounded up to `pad_to` so the output matmul gets
     tensor-core friendly shapes. This class is the only code that knows it: padded rows start at zero, are
     never looked up (ids < vocab_size), never scored (`lm_head_loss` and `logits` leave them out), are
@@ -157,9 +157,9 @@ class LMHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of h @ weight.T against targets, never holding more than one chunk of logits.
 
     Plain autograd would keep the [tokens, vocab] logits, their fp32 copy and log-softmax for backward:
-    for GPT-2 small at batch 12 x 1024 and vocab 32768 that is ~4.5 GiB. Here each chunk of tokens gets
-    its logits, log-sum-exp and loss, and the gradient of its (summed) loss at once, while the logits are
-    in hand: d loss / d logits = softmax - one_hot(target), so grad_h = g @ weight and
+    for GPT-2 small at batch 12 x 1024 and vocab 32768 under bf16 autocast that is ~4 GiB. Here each chunk
+    of tokens gets its logits, log-sum-exp and loss, and the gradient of its (summed) loss at once, while
+    the logits are in hand: d loss / d logits = softmax - one_hot(target), so grad_h = g @ weight and
     grad_weight += g.T @ h. Only grad_h ([tokens, n_embd]) and grad_weight (the size of the weight, which
     gets a gradient anyway) survive to backward, which scales them by grad_output / n_valid. Computing the
     gradient in forward costs no extra FLOPs (recomputing the logits in backward would add a third of the
@@ -222,8 +222,8 @@ def lm_head_loss(h: torch.Tensor, wte: TokenEmbedding, labels: torch.Tensor) -> 
 
     Position t predicts token t+1. As GPT2LMHeadModel does (transformers >= 4.46), the labels are shifted
     rather than the logits: they move one to the left and the last position gets IGNORE_INDEX, so h is
-    used whole, without a copy. Labels of IGNORE_INDEX (-100) are ignored; the loss is their mean over
-    the rest.
+    used whole, without a copy. Positions labelled IGNORE_INDEX (-100) are left out; the loss is the
+    mean over the others.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     h = h.reshape(-1, h.size(-1))
