@@ -54,7 +54,7 @@ def run_config(name: str, impl: str, config: GPTConfig, batch: int, seq: int, de
             model.gradient_checkpointing = ckpt
         else:
             model = HFAdapter(config, ckpt)
-    model.train()
+    model.to(device).train()  # a no-op unless a library ignored the device context
     with torch.device("meta"):  # same architecture, one formula for both implementations
         flops_per_token = GPT(config).estimate_flops_per_token(seq)
     step_model = torch.compile(model) if compile else model
