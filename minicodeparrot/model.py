@@ -368,6 +368,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=std)
         self.transformer.wte.zero_padding_()
+        self.register_load_state_dict_pre_hook(_drop_tied_lm_head)
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2's N(0, 0.02) for every matrix and embedding, zero biases; LayerNorms keep (1, 0).
@@ -496,6 +497,12 @@ class GPT(nn.Module):
             detail = str(e).splitlines()[-1].strip()
             raise UserError(f"{weights_path} does not fit its config.json: {detail}") from None
         return model
+
+
+def _drop_tied_lm_head(module, state_dict, prefix, *args) -> None:
+    """Training checkpoints written before the model lost its `lm_head` alias hold `lm_head.weight`, a
+    second name for wte's tensor; dropping it lets them resume (strict loading would refuse the key)."""
+    state_dict.pop(prefix + "lm_head.weight", None)
 
 
 def convert_hf_state_dict(

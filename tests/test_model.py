@@ -89,6 +89,9 @@ def test_init_statistics():
         logits = model(torch.tensor([[1, 2, 3]]))[0]
     assert logits[..., 7].abs().max() == 0 and logits[..., 8].abs().max() > 0
     assert not any("lm_head" in k for k in model.state_dict())
+    # A training checkpoint from when the tied head had its own name still loads.
+    old = {**model.state_dict(), "lm_head.weight": model.transformer.wte.weight}
+    model.load_state_dict(old, strict=True)
 
 
 MISTRAL = {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True}
