@@ -155,12 +155,12 @@ def build_model(model_config: str, vocab_size: int, seq_length: int, eos_token_i
                 pad_vocab: int = 1, model_options: dict | None = None) -> nn.Module:
     """A fresh GPT from an architecture name or a config.json, or the weights of a model directory."""
     from minicodeparrot.model import GPT, GPTConfig
-    from minicodeparrot.model import PRESETS as ARCHITECTURES
+    from minicodeparrot.model import MODEL_CONFIGS as MODEL_CONFIGS
 
     overrides = dict(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id,
                      pad_vocab_size_multiple=pad_vocab, **(model_options or {}))
     path = Path(model_config)
-    if model_config in ARCHITECTURES and not path.exists():
+    if model_config in MODEL_CONFIGS and not path.exists():
         config = GPTConfig.from_preset(model_config, **overrides)
     elif path.is_file():
         try:
@@ -182,7 +182,7 @@ def build_model(model_config: str, vocab_size: int, seq_length: int, eos_token_i
         config = model.config
     else:
         raise UserError(f"--model-config {model_config!r} is neither an architecture "
-                        f"({', '.join(ARCHITECTURES)}), a config.json file, nor a model directory")
+                        f"({', '.join(MODEL_CONFIGS)}), a config.json file, nor a model directory")
     if config.n_positions < seq_length:
         raise UserError(f"--seq-length {seq_length} exceeds the model's n_positions={config.n_positions}")
     return model if path.is_dir() else GPT(config)

@@ -1,7 +1,8 @@
 """Benchmark our GPT-2 against transformers.GPT2LMHeadModel in the same process.
 
 Measures (1) forward+backward training tokens/s, (2) activation memory with and without activation
-checkpointing, (3) greedy generation tokens/s (KV cache) against the reference's `generate`.
+checkpointing, (3) the peak memory growth of one forward+backward (what the fused loss saves), (4) greedy
+generation tokens/s (KV cache) against the reference's `generate`.
 
     python scripts/bench_model.py                        # CPU: a small config, a few steps
     python scripts/bench_model.py --device cuda --out bench_model_gpu.json
@@ -10,7 +11,11 @@ checkpointing, (3) greedy generation tokens/s (KV cache) against the reference's
 
 Memory: on CUDA the peak allocated bytes of one training step; on every device also the bytes of the
 non-weight tensors autograd saves for backward (counted with saved_tensors_hooks), which checkpointing cuts.
-The cross-entropy over a 32768-entry vocabulary keeps its logits (and their fp32 copy) whatever happens.
+
+Peak memory growth (3): the highest bytes held by tensors during one forward+backward minus the bytes held
+before it (weights, inputs). On CUDA `torch.cuda.max_memory_allocated`; on CPU the timeline of torch's
+memory profiler (every tensor allocation and free, independent of what malloc keeps cached), run at the
+shape issue 12 set its goal on: 2 layers, width 768, vocab 32768, batch 4 x 1024, fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import time
 
 import torch
 import transformers
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 from minicodeparrot.generate import generate
 from minicodeparrot.model import GPT, GPTConfig
@@ -86,6 +93,57 @@ def memory_of_step(model, x, args, ours: bool) -> dict:
     out = {"activations_saved_MiB": saved[0] / 2**20}
     if args.device == "cuda":
         out["peak_allocated_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def peak_growth_MiB(step, device: str) -> float:
+    """Highest tensor memory during `step()` minus the memory held when it starts."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    # The timeline starts with every tensor alive when profiling began (weights, inputs).
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    totals = [sum(s) for s in sizes]
+    return (max(totals) - totals[0]) / 2**20
+
+
+def loss_memory(args, config: GPTConfig) -> dict:
+    """Peak memory growth of one fwd+bwd: ours (fused loss), ours with full logits, GPT2LMHeadModel."""
+    if args.device == "cpu":  # issue 12's goal shape
+        config = GPTConfig(vocab_size=32768, n_positions=1024, n_embd=768, n_layer=2, n_head=12, **NO_DROPOUT)
+        shape, margs = (4, 1024), argparse.Namespace(**{**vars(args), "dtype": "fp32"})
+    else:
+        shape, margs = (args.batch_size, args.seq_length), args
+    torch.manual_seed(0)
+    ours = GPT(config).to(args.device).train()
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        ref = transformers.GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa")
+    ref = ref.to(args.device).train()
+    x = torch.randint(0, config.vocab_size, shape, device=args.device)
+
+    def step(model, is_ours, **kw):
+        def run():
+            with autocast(margs):
+                loss = model(x, labels=x, **kw)[1] if is_ours else model(input_ids=x, labels=x).loss
+            loss.backward()
+        return run
+
+    out = {"shape": f"{config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}, batch "
+                    f"{shape[0]} x {shape[1]}, {margs.dtype}"}
+    for name, model, is_ours, kw in [("ours", ours, True, {}), ("ours_full_logits", ours, True,
+                                     {"return_logits": True}), ("reference", ref, False, {})]:
+        step(model, is_ours, **kw)()  # warm-up (lazy kernel set-up), then a step as the loop runs it:
+        model.zero_grad(set_to_none=True)  # gradients are created by the step, so they count too
+        out[name] = peak_growth_MiB(step(model, is_ours, **kw), args.device)
+        model.zero_grad(set_to_none=True)
     return out
 
 
@@ -162,7 +220,13 @@ def main() -> None:
         add(f"{key} (ckpt)", ckpt[key], ref_ckpt[key], "MiB")
     add("train fwd+bwd (ckpt)", ckpt_speed, ref_ckpt_speed)
 
-    # 3. greedy generation with KV cache, batch 1, from a 16-token prompt
+    # 3. peak memory growth of one fwd+bwd, the fused loss against full logits and the reference
+    mem = loss_memory(args, config)
+    results["loss_memory"] = mem
+    add(f"peak growth fwd+bwd, fused loss ({mem['shape']})", mem["ours"], mem["reference"], "MiB")
+    add("peak growth fwd+bwd, return_logits=True", mem["ours_full_logits"], mem["reference"], "MiB")
+
+    # 4. greedy generation with KV cache, batch 1, from a 16-token prompt
     ours.eval()
     ref.eval()
     ref.generation_config.eos_token_id = None
