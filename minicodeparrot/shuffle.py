@@ -49,11 +49,12 @@ class ShuffleBuffer:
         if not self.draining:
             self.rng.shuffle(self.items)
             self.draining = True
-        self.journal = None  # the loader never mirrors a draining buffer: only finite data drains
         while self.items:
             yield self.items.pop()
 
     def take_journal(self) -> list[tuple[int, Any]]:
+        """The slot writes since the last call. Draining is not journaled: only finite data drains, and
+        the loader never needs to resume that."""
         out, self.journal = self.journal, []
         return out
 
