@@ -366,12 +366,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         return order, consumers
 
     def _refs(self, items: list[tuple[int, int, dict]]) -> torch.Tensor:
-        return torch.tensor([(src, line) for src, line, _ in items], dtype=torch.int64).reshape(-1, 2)
+        # (file, line, length of the text): the length catches most edits of the data between runs.
+        rows = [(src, line, len(record[self.text_field])) for src, line, record in items]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
     def _reread(self, refs: torch.Tensor) -> list[tuple[int, int, dict]]:
         """The buffered records of a saved state, read again from their files."""
         wanted: dict[int, set[int]] = {}
-        for src, line in refs.tolist():
+        for src, line, _ in refs.tolist():
             wanted.setdefault(src, set()).add(line)
         found: dict[tuple[int, int], dict] = {}
         for src, lines in sorted(wanted.items()):
@@ -392,8 +394,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             finally:
                 reader.close()
         items = []
-        for src, line in refs.tolist():
-            if (src, line) not in found:
+        for src, line, length in refs.tolist():
+            if len(found.get((src, line), {}).get(self.text_field, "")) != length:
                 raise UserError(f"cannot resume: {self.sources[src].name} line {line + 1} is no longer the "
                                 "record the checkpoint refers to; resume on the unchanged dataset")
             items.append((src, line, found[(src, line)]))
