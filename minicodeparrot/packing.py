@@ -155,6 +155,17 @@ class ConstantLengthDataset(IterableDataset):
             return None
         return self.dataset.state_dict()
 
+    def _encode(self, texts: list[str]) -> Iterator[np.ndarray]:
+        """The buffer's token stream, in pieces. In this process (num_workers=1) one document at a time,
+        so that blocks leave while the rest of the buffer is still being tokenized: a data worker then
+        delivers batches at an even pace, not ~85 at once after a pause of a second or more. Otherwise
+        in one call, which the tokenizer may spread over a process pool."""
+        if self.num_workers == 1:
+            for text in texts:
+                yield encode_documents(self.tokenizer, [text], num_workers=1)
+        else:
+            yield encode_documents(self.tokenizer, texts, self.num_workers)
+
     # -- the loop --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[torch.Tensor]:
         resume, self._resume = self._resume, None
@@ -202,14 +213,20 @@ class ConstantLengthDataset(IterableDataset):
             if not buffer:
                 break
 
-            all_ids = encode_documents(self.tokenizer, buffer, self.num_workers)
-            n_blocks = len(all_ids) // self.seq_length
-            self.tokens_total += len(all_ids)
-            self.tokens_dropped += len(all_ids) - n_blocks * self.seq_length
-            for b in range(skip_blocks, n_blocks):
-                # Count the block before yielding it: while the consumer holds it, the state says it is out.
-                self._buffer_state["yielded"] = b + 1
-                # A copy, not a view: a view would keep the whole buffer's array alive while a shuffle
-                # buffer holds the block.
-                yield torch.from_numpy(all_ids[b * self.seq_length:(b + 1) * self.seq_length].copy())
+            n_blocks, n_tokens, pending = 0, 0, np.empty(0, dtype=np.int64)
+            for ids in self._encode(buffer):
+                n_tokens += len(ids)
+                pending = np.concatenate((pending, ids))
+                full = len(pending) // self.seq_length
+                for b in range(full):
+                    n_blocks += 1
+                    if n_blocks > skip_blocks:
+                        # Count the block before yielding it: while the consumer holds it, the state says
+                        # it is out. A copy, not a view: a view would keep the whole array alive while a
+                        # shuffle buffer holds the block.
+                        self._buffer_state["yielded"] = n_blocks
+                        yield torch.from_numpy(pending[b * self.seq_length:(b + 1) * self.seq_length].copy())
+                pending = pending[full * self.seq_length:]
+            self.tokens_total += n_tokens
+            self.tokens_dropped += len(pending)  # the buffer's partial last block
             skip_blocks = 0
