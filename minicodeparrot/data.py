@@ -113,8 +113,10 @@ class Pipeline:
         source = self.source.state_dict()
         kept = [k for k, v in source.items() if k in self._sent and self._sent[k] is v]
         self._sent = source
+        writes = self.buffer.take_journal() or []
+        blocks = np.stack([block for _, block in writes]) if writes else None  # one array pickles fastest
         return {"source": {k: v for k, v in source.items() if k not in kept}, "kept": kept,
-                "writes": self.buffer.take_journal() or [], "rng": self.buffer.rng.getstate()}
+                "slots": [slot for slot, _ in writes], "blocks": blocks, "rng": self.buffer.rng.getstate()}
 
 
 class PipelineMirror:
@@ -142,10 +144,10 @@ class PipelineMirror:
         source = {k: self.source[k] for k in delta["kept"]}  # a worker's first delta keeps nothing
         source.update(delta["source"])
         self.source, self.rng = source, delta["rng"]
-        for slot, item in delta["writes"]:
+        for slot, block in zip(delta["slots"], delta["blocks"] if delta["slots"] else [], strict=True):
             if self.items is None:
-                self._allocate(item.dtype)
-            self.items[slot] = item
+                self._allocate(block.dtype)
+            self.items[slot] = block  # in order: a slot written twice keeps the later block
             self.count = max(self.count, slot + 1)
 
     def state_dict(self) -> dict | None:

@@ -222,12 +222,10 @@ class Loader:
                          "go on without its data: fix the cause, then --resume-from-checkpoint latest")
 
     def _receive(self, w: int) -> tuple:
-        conn, proc = self._conns[w], self._procs[w]
-        while not conn.poll(1.0):
-            if not proc.is_alive():
-                break
+        # No polling needed: only the worker holds the pipe's write end, so its death, even half-way
+        # through a message, reads as end-of-file here.
         try:
-            message = pickle.loads(conn.recv_bytes())
+            message = pickle.loads(self._conns[w].recv_bytes())
         except (EOFError, OSError):
             raise self._died(w) from None
         self._credits[w].release()

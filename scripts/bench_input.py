@@ -83,6 +83,7 @@ def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per
         wall = time.perf_counter() - t0
         state_mb = state_megabytes(loader)
     return {"workers": workers, "wait_share": sum(waits) / wall, "max_wait_ms": 1000 * max(waits),
+            "median_wait_ms": 1000 * sorted(waits)[len(waits) // 2],
             "tokens_per_s": tokens / wall, "warmup_s": warmup_s, "state_mb": state_mb}
 
 
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     r = run(args, tokenizer, args.data_workers, args.consumer_tokens_per_s)
     print(f"warm-up: {args.warmup_steps} batches in {r['warmup_s']:.1f} s; load average "
-          f"{os.getloadavg()[0]:.1f}; data state {r['state_mb']:.2f} MB per rank (torch.save)")
+          f"{os.getloadavg()[0]:.1f}; median wait {r['median_wait_ms']:.2f} ms; data state "
+          f"{r['state_mb']:.2f} MB per rank (torch.save)")
     print(f"data wait: {100 * r['wait_share']:.1f}% of wall time, max wait {r['max_wait_ms']:.0f} ms after "
           f"warm-up ({r['workers']} workers, {r['tokens_per_s']:,.0f} tokens/s delivered)")
 

@@ -73,7 +73,8 @@ def test_journal_lets_a_mirror_follow_the_buffer():
         for _ in range(3):
             buf.push(np.array([rng.randrange(1000) for _ in range(4)], dtype=np.uint16))
         writes = buf.take_journal()
-        mirror.apply({"source": {"step": step}, "kept": [], "writes": writes, "rng": buf.rng.getstate()})
+        mirror.apply({"source": {"step": step}, "kept": [], "slots": [s for s, _ in writes],
+                      "blocks": np.stack([b for _, b in writes]), "rng": buf.rng.getstate()})
     state = mirror.state_dict()
     assert np.array_equal(state["sequences"]["items"].numpy(), np.stack(buf.items))
     assert state["sequences"]["rng"] == buf.rng.getstate() and state["source"] == {"step": 29}
