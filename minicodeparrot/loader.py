@@ -274,6 +274,11 @@ class Loader:
         return self
 
     def close(self) -> None:
+        """Stop the workers. An endless loader keeps its position: `state_dict()` still describes the
+        last batch taken (e.g. for a checkpoint after a worker died), and iterating again continues."""
+        if self._running and self.endless:
+            state = self.state_dict()
+            self._start_states, self._start_next = state["pipelines"], state["next"]
         if self._running and self.num_workers > 0:
             self._finalizer()
         self._running = False

@@ -117,6 +117,8 @@ def test_killed_worker_ends_the_consumer_in_one_line(corpus, tok, sig):
         take(loader, 50)  # the batches already sent come first, then the error: never a hang
     assert "\n" not in str(e.value)
     assert children_alive(pids) == []
+    state = loader.state_dict()  # still the position after the last batch taken: a checkpoint can follow
+    assert state["pipelines"][0] is not None and state["pipelines"][1] is not None
 
 
 def test_failing_worker_reports_its_error(corpus, tok, tmp_path):
