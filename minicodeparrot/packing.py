@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
@@ -38,6 +39,27 @@ def _text(record: Any, text_field: str) -> str:
         raise UserError(f"record has no '{text_field}' field; pass the right --text-field "
                         f"(record keys: {sorted(record)[:8] if isinstance(record, dict) else type(record)})"
                         ) from None
+
+
+def encode_documents(tokenizer, texts: list[str], num_workers: int | None = None) -> np.ndarray:
+    """The documents' token ids joined into one int64 array, each document followed by EOS.
+
+    The one place where documents become a token stream: the packer and `pretokenize` both call it.
+    `num_workers` is passed to `Tokenizer.encode_batch` (None: a process pool for large batches; 1: this
+    process, as a long-lived data worker wants, keeping its word cache warm).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no <|endoftext|> token; packing needs it between documents")
+    encoded = tokenizer.encode_batch(texts, num_workers=num_workers, parse_special=False)
+    out = np.empty(sum(map(len, encoded)) + len(encoded), dtype=np.int64)
+    pos = 0
+    for ids in encoded:
+        out[pos:pos + len(ids)] = ids
+        pos += len(ids)
+        out[pos] = eos
+        pos += 1
+    return out
 
 
 def estimate_chars_per_token(tokenizer, records: Iterable[Any], n: int = 500,
@@ -69,13 +91,15 @@ class ConstantLengthDataset(IterableDataset):
     With DataLoader workers, each worker runs its own copy of this loop (and keeps its own
     `tokens_total`/`tokens_dropped`), so the source must split itself across workers (`ShardStream`
     does). `state_dict()`/`load_state_dict()` give an exact resume when the dataset is iterated in
-    the main process (`num_workers=0`); the tokenizer then encodes each buffer with its own process
-    pool, while inside DataLoader workers it encodes in-process.
+    the process that holds it (minicodeparrot.loader runs it in its workers and carries the state back).
+    `num_workers` goes to `encode_documents`: None lets the tokenizer use a process pool per buffer,
+    1 encodes in this process.
     """
 
     def __init__(self, tokenizer, dataset: Iterable[Any], seq_length: int = 1024,
                  num_of_sequences: int = 1024,
-                 chars_per_token: float = 3.6, infinite: bool = False, text_field: str = "content"):
+                 chars_per_token: float = 3.6, infinite: bool = False, text_field: str = "content",
+                 num_workers: int | None = None):
         if seq_length < 1 or num_of_sequences < 1 or chars_per_token <= 0:
             raise UserError("seq_length and num_of_sequences must be >= 1 and chars_per_token > 0")
         self.tokenizer = tokenizer
@@ -86,6 +110,7 @@ class ConstantLengthDataset(IterableDataset):
         self.input_characters = seq_length * chars_per_token * num_of_sequences
         self.infinite = infinite
         self.text_field = text_field
+        self.num_workers = num_workers
         self.eos_token_id = tokenizer.eos_token_id
         if self.eos_token_id is None:
             raise UserError("the tokenizer has no <|endoftext|> token; packing needs it between documents")
@@ -129,6 +154,17 @@ class ConstantLengthDataset(IterableDataset):
         if records == 0 or not hasattr(self.dataset, "state_dict"):
             return None
         return self.dataset.state_dict()
+
+    def _encode(self, texts: list[str]) -> Iterator[np.ndarray]:
+        """The buffer's token stream, in pieces. In this process (num_workers=1) one document at a time,
+        so that blocks leave while the rest of the buffer is still being tokenized: a data worker then
+        delivers batches at an even pace, not ~85 at once after a pause of a second or more. Otherwise
+        in one call, which the tokenizer may spread over a process pool."""
+        if self.num_workers == 1:
+            for text in texts:
+                yield encode_documents(self.tokenizer, [text], num_workers=1)
+        else:
+            yield encode_documents(self.tokenizer, texts, self.num_workers)
 
     # -- the loop --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -177,15 +213,20 @@ class ConstantLengthDataset(IterableDataset):
             if not buffer:
                 break
 
-            all_ids: list[int] = []
-            for ids in self.tokenizer.encode_batch(buffer, parse_special=False):
-                all_ids.extend(ids)
-                all_ids.append(self.eos_token_id)
-            n_blocks = len(all_ids) // self.seq_length
-            self.tokens_total += len(all_ids)
-            self.tokens_dropped += len(all_ids) - n_blocks * self.seq_length
-            for b in range(skip_blocks, n_blocks):
-                # Count the block before yielding it: while the consumer holds it, the state says it is out.
-                self._buffer_state["yielded"] = b + 1
-                yield torch.tensor(all_ids[b * self.seq_length:(b + 1) * self.seq_length], dtype=torch.long)
+            n_blocks, n_tokens, pending = 0, 0, np.empty(0, dtype=np.int64)
+            for ids in self._encode(buffer):
+                n_tokens += len(ids)
+                pending = np.concatenate((pending, ids))
+                full = len(pending) // self.seq_length
+                for b in range(full):
+                    n_blocks += 1
+                    if n_blocks > skip_blocks:
+                        # Count the block before yielding it: while the consumer holds it, the state says
+                        # it is out. A copy, not a view: a view would keep the whole array alive while a
+                        # shuffle buffer holds the block.
+                        self._buffer_state["yielded"] = n_blocks
+                        yield torch.from_numpy(pending[b * self.seq_length:(b + 1) * self.seq_length].copy())
+                pending = pending[full * self.seq_length:]
+            self.tokens_total += n_tokens
+            self.tokens_dropped += len(pending)  # the buffer's partial last block
             skip_blocks = 0

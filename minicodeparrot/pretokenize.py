@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from minicodeparrot.errors import UserError
+from minicodeparrot.packing import encode_documents
 from minicodeparrot.shards import consumer_index
 
 MAGIC = b"MCPTOKS\0"
@@ -107,13 +108,10 @@ def _init_worker(tokenizer) -> None:
 
 
 def _encode_chunk(texts: list[str]) -> np.ndarray:
-    """The chunk's documents as one id array, each followed by EOS (literal `<|endoftext|>` is text)."""
-    tok = _worker_tokenizer
-    out: list[int] = []
-    for text in texts:
-        out.extend(tok.encode(text, parse_special=False))
-        out.append(tok.eos_token_id)
-    return np.asarray(out, dtype=np.int64)
+    # The packer's own joining (packing.encode_documents), in this long-lived pool worker's process:
+    # the pool lives for the whole job so each worker's word cache stays warm, where a pool per chunk
+    # (encode_batch's, for large batches) would start cold every time.
+    return encode_documents(_worker_tokenizer, texts, num_workers=1)
 
 
 def _chunks(records: Iterator[dict], text_field: str, counter: list[int]) -> Iterator[list[str]]:

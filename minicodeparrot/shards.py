@@ -36,6 +36,7 @@ import torch
 
 from minicodeparrot.dist import rank_and_world
 from minicodeparrot.errors import UserError
+from minicodeparrot.shuffle import ShuffleBuffer
 
 DATA_SUFFIXES = (".json.gz", ".jsonl.gz", ".json", ".jsonl")
 # `owner/name` optionally followed by `@revision`: the Hub's repo id syntax.
@@ -338,16 +339,19 @@ def consumer_index(split_by_rank: bool, rank: int | None, world_size: int | None
 class ShardStream(torch.utils.data.IterableDataset):
     """Records of the shards for one DDP rank / DataLoader worker, with seeded shuffling and exact resume.
 
-    Shuffling follows `datasets`: the file order is shuffled with seed+epoch, then a buffer of
-    `shuffle_buffer` records is filled and each new record replaces (and yields) a random slot.
+    Shuffling follows `datasets`: the file order is shuffled with seed+epoch, then the records pass a
+    `shuffle.ShuffleBuffer` of `shuffle_buffer` records.
     All ranks shuffle the file list with the same seed, so the round-robin deal stays disjoint.
     Ranks get whole files, so their record counts differ: under DDP train on an endless stream with a
     step budget (as CodeParrot does), not "until the data runs out", which would leave ranks waiting.
 
     `state_dict()` is the position right after the last record handed out by the iterator running in
-    this process: epoch, file, line within the file, the shuffle buffer and its RNG state. With
-    DataLoader workers the iteration happens in worker copies of this object, so the main process
-    cannot see it; resume then needs num_workers=0 (or the packing layer's own state).
+    this process: epoch, file, line within the file, the shuffle buffer and its RNG state. The buffer is
+    stored as references (file, line), not as records: 10,000 real source files are ~100 MB of text, and
+    a checkpoint per rank must stay small; resuming re-reads those lines (mostly from the last one or two
+    files, since a record rarely survives many thousand replacements). With DataLoader workers the
+    iteration happens in worker copies of this object, so the main process cannot see it; resume then
+    needs num_workers=0 (or minicodeparrot.loader, which carries the state back).
     """
 
     def __init__(self, sources: Any, split_by_rank: bool = True, seed: int = 0, shuffle_files: bool = True,
@@ -364,8 +368,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.bad_records = BadRecords()
-        self._state: dict | None = None  # live position of the running iterator
-        self._rng: random.Random | None = None
+        self._pos: dict | None = None  # live position of the running iterator
+        self._buffer: ShuffleBuffer | None = None
         self._resume: dict | None = None  # position to start the next iteration from
 
     def set_epoch(self, epoch: int) -> None:
@@ -383,54 +387,83 @@ class ShardStream(torch.utils.data.IterableDataset):
             return order[consumer::consumers], 1
         return order, consumers
 
+    def _refs(self, items: list[tuple[int, int, dict]]) -> torch.Tensor:
+        # (file, line, length of the text): the length catches most edits of the data between runs.
+        rows = [(src, line, len(record[self.text_field])) for src, line, record in items]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+    def _reread(self, refs: torch.Tensor) -> list[tuple[int, int, dict]]:
+        """The buffered records of a saved state, read again from their files."""
+        wanted: dict[int, set[int]] = {}
+        for src, line, _ in refs.tolist():
+            wanted.setdefault(src, set()).add(line)
+        found: dict[tuple[int, int], dict] = {}
+        for src, lines in sorted(wanted.items()):
+            source, need = self.sources[src], set(lines)
+            reader = _iter_lines(source, min(need))
+            try:
+                for line_no, line in reader:
+                    if line_no in need:
+                        where = f"{source.name}:{line_no + 1}"
+                        record = _parse(line, where, self.text_field, BadRecords(), strict=False)
+                        if record is not None:
+                            found[(src, line_no)] = record
+                        need.discard(line_no)
+                        if not need:
+                            break
+            except _GZIP_ERRORS:
+                pass  # reported below as missing records
+            finally:
+                reader.close()
+        items = []
+        for src, line, length in refs.tolist():
+            if len(found.get((src, line), {}).get(self.text_field, "")) != length:
+                raise UserError(f"cannot resume: {self.sources[src].name} line {line + 1} is no longer the "
+                                "record the checkpoint refers to; resume on the unchanged dataset")
+            items.append((src, line, found[(src, line)]))
+        return items
+
     def __iter__(self) -> Iterator[dict]:
         consumer, consumers = consumer_index(self.split_by_rank, self.rank, self.world_size)
-        state = self._resume
-        self._resume = None
+        state, self._resume = self._resume, None
         if state is not None and (state["consumer"], state["consumers"]) != (consumer, consumers):
             raise UserError(f"resume state is for consumer {state['consumer']} of {state['consumers']}, "
                             f"but this is consumer {consumer} of {consumers}; resume with the same world "
-                            "size and num_workers=0")
-        if state is None:
-            rng = random.Random(f"buffer-{self.seed}-{self.epoch}-{consumer}")
-            state = {"epoch": self.epoch, "consumer": consumer, "consumers": consumers, "file": 0, "line": 0,
-                     "buffer": [], "draining": False}
-        else:
-            state = dict(state, buffer=list(state["buffer"]))
-            rng = random.Random()
-            rng.setstate(state.pop("rng"))
-        self.epoch = state["epoch"]
-        # The live position: this generator mutates `state` (and `rng`) before every yield, so that
+                            "size and number of data workers")
+        if state is not None and (state["sources"], state["buffer"]["size"]) != (len(self.sources),
+                                                                               self.shuffle_buffer):
+            raise UserError(f"resume state is for {state['sources']} shard files and a record shuffle buffer "
+                            f"of {state['buffer']['size']}, but this stream has {len(self.sources)} and "
+                            f"{self.shuffle_buffer}; resume with the same dataset and buffer size")
+        epoch = self.epoch if state is None else state["epoch"]
+        buffer = ShuffleBuffer(self.shuffle_buffer, f"buffer-{self.seed}-{epoch}-{consumer}")
+        pos = {"epoch": epoch, "consumer": consumer, "consumers": consumers, "file": 0, "line": 0}
+        if state is not None:
+            pos.update(file=state["file"], line=state["line"])
+            buffer.load_state_dict(state["buffer"], decode=self._reread)
+        self.epoch = epoch
+        # The live position: this generator updates `pos` (and the buffer) before every yield, so that
         # state_dict() taken between two records describes exactly the records still to come.
-        self._state, self._rng = state, rng
-        files, stride = self._plan(state["epoch"], consumer, consumers)
-        buffer, size = state["buffer"], self.shuffle_buffer
-        while state["file"] < len(files) and not state["draining"]:
-            source = self.sources[files[state["file"]]]
+        self._pos, self._buffer = pos, buffer
+        files, stride = self._plan(epoch, consumer, consumers)
+        while pos["file"] < len(files) and not buffer.draining:
+            src = files[pos["file"]]
             # Striding: line l of the k-th file belongs to consumer (l + k) % stride, so that the
             # leftover lines of many small files do not all land on consumer 0.
-            phase = (consumer - state["file"]) % stride
-            for line_no, record in _read_file(source, self.text_field, self.bad_records, self.strict,
-                                              start=state["line"], stride=stride, phase=phase,
+            phase = (consumer - pos["file"]) % stride
+            for line_no, record in _read_file(self.sources[src], self.text_field, self.bad_records,
+                                              self.strict, start=pos["line"], stride=stride, phase=phase,
                                               report_truncation=phase == 0):
-                state["line"] = line_no + 1
+                pos["line"] = line_no + 1
                 if record is None:
                     continue
-                if size <= 1:
-                    yield record
-                elif len(buffer) < size:
-                    buffer.append(record)
-                else:
-                    i = rng.randrange(size)
-                    out, buffer[i] = buffer[i], record
-                    yield out
-            state["file"] += 1
-            state["line"] = 0
-        if not state["draining"]:
-            rng.shuffle(buffer)
-            state["draining"] = True
-        while buffer:
-            yield buffer.pop()
+                out = buffer.push((src, line_no, record))
+                if out is not None:
+                    yield out[2]
+            pos["file"] += 1
+            pos["line"] = 0
+        for item in buffer.drain():
+            yield item[2]
         if self.bad_records.total:
             bad = self.bad_records
             warnings.warn(f"ShardStream skipped {bad.total} bad records so far: {bad}", BadRecordWarning,
@@ -440,9 +473,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         """The position after the last record yielded in this process (see the class docstring)."""
         if self._resume is not None:
             return dict(self._resume)
-        if self._state is None:
+        if self._pos is None:
             return {"epoch": self.epoch, "fresh": True}
-        return dict(self._state, buffer=list(self._state["buffer"]), rng=self._rng.getstate(),
+        return dict(self._pos, buffer=self._buffer.state_dict(encode=self._refs), sources=len(self.sources),
                     bad_records=self.bad_records.as_dict())
 
     def load_state_dict(self, state: dict) -> None:

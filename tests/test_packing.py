@@ -180,3 +180,18 @@ def test_resume_over_shard_stream_with_shuffle_buffer(tokenizer, texts, tmp_path
         resumed.load_state_dict(ds.state_dict())
         assert head + [b.tolist() for b in itertools.islice(iter(resumed), n - k)] == full
     assert ds.epoch >= 1
+
+
+def test_in_process_encoding_yields_the_same_blocks_document_by_document(tokenizer, texts):
+    """num_workers=1 (a data worker) encodes one document at a time; blocks, drops and resume match."""
+    kw = dict(seq_length=128, num_of_sequences=30, chars_per_token=3.0)
+    bulk = ConstantLengthDataset(tokenizer, texts[:25], **kw)
+    expected = [b.tolist() for b in bulk]
+    steady = ConstantLengthDataset(tokenizer, texts[:25], num_workers=1, **kw)
+    it = iter(steady)
+    head = [next(it).tolist() for _ in range(7)]
+    resumed = ConstantLengthDataset(tokenizer, texts[:25], num_workers=1, **kw)
+    resumed.load_state_dict(steady.state_dict())
+    assert head + [b.tolist() for b in resumed] == expected
+    assert bulk.tokens_dropped > 0
+    assert (resumed.tokens_total, resumed.tokens_dropped) == (bulk.tokens_total, bulk.tokens_dropped)

@@ -186,6 +186,23 @@ def test_resume_rejects_another_split_and_new_epoch_drops_it(shard_dir: Path) ->
     assert len(keys(same)) == len(keys(ShardStream(shard_dir, rank=0, world_size=2)))
 
 
+def test_resume_state_refers_to_records_and_rejects_changed_data(tmp_path: Path) -> None:
+    write_shards(tmp_path, TEXTS, n_files=2)
+    stream = ShardStream(tmp_path, seed=4, shuffle_buffer=7)
+    it = iter(stream)
+    for _ in range(10):
+        next(it)
+    state = stream.state_dict()
+    refs = state["buffer"]["items"]
+    assert refs.dtype == torch.int64 and refs.shape == (7, 3)  # (file, line, text length): not the texts
+    assert len(pickle.dumps(state)) < int(refs[:, 2].sum())  # smaller than the buffered texts themselves
+    write_shards(tmp_path, TEXTS[::-1], n_files=2)  # the same files and lines, other records
+    changed = ShardStream(tmp_path, seed=4, shuffle_buffer=7)
+    changed.load_state_dict(state)
+    with pytest.raises(UserError, match=r"cannot resume: .*file-0+\d\.json\.gz line \d+ is no longer"):
+        next(iter(changed))
+
+
 def content_hash(records) -> tuple[int, str]:
     digest = sorted(hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest() for r in records)
     return len(digest), hashlib.sha256("".join(digest).encode()).hexdigest()
