@@ -369,6 +369,10 @@ def _add_evaluate_loss(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-eval-steps", type=int, default=-1, help="batches per rank; -1 = all (default)")
     p.add_argument("--seq-length", type=int, help="tokens per sequence (default: the model's n_positions)")
     p.add_argument("--text-field", default="content", help="record field with the code (default content)")
+    p.add_argument("--tokenized", action="store_true",
+                   help="--dataset names token shards written by `minicodeparrot pretokenize`")
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="background processes that read, tokenize and pack (default 0: in this process)")
     p.add_argument("--output", help="also write the result JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_evaluate_loss)

@@ -14,7 +14,6 @@ import json
 import math
 from collections.abc import Iterable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
@@ -23,17 +22,6 @@ from minicodeparrot.errors import UserError
 
 
 # --- validation loss ---------------------------------------------------------------------------
-def validation_sources(spec) -> list:
-    """The shards of `spec`; when it names several and some are codeparrot validation shards
-    (`file-..._validation.json.gz`, as make-corpus writes them), only those: evaluating on the
-    training shards as well would report a loss the model was trained on."""
-    from minicodeparrot.shards import resolve_sources
-
-    sources = resolve_sources(spec)
-    valid = [s for s in sources if "validation" in Path(s.name).name]
-    return valid if len(sources) > 1 and valid else sources
-
-
 def perplexity(loss: float) -> float:
     """exp(loss), inf when it overflows (an untrained or diverged model)."""
     try:
@@ -78,43 +66,49 @@ def evaluate_loss(model, batches: Iterable[torch.Tensor], max_eval_steps: int = 
 
 
 def evaluate_loss_command(args: argparse.Namespace) -> None:
-    """`minicodeparrot evaluate-loss`: pack the validation split as training does and report loss/perplexity.
+    """`minicodeparrot evaluate-loss`: the validation loss and perplexity exactly as `train` reports them.
 
-    Rank 0 prints (and with --output writes) the result; the counts of bad records and of tokens
-    dropped by packing are rank 0's own, named so.
+    The batches come from the same builder that `train` uses (`loader.build_valid_loader`): the same
+    packing, the same choice of validation shards, `--tokenized` shards too. Rank 0 prints (and with
+    --output writes) the result; the counts of bad records and of tokens dropped by packing are rank 0's
+    own, named so (known only when its share was read to the end, i.e. without --max-eval-steps).
     """
     from tqdm import tqdm
 
+    from minicodeparrot.data import validation_sources
+    from minicodeparrot.loader import build_valid_loader
     from minicodeparrot.model import GPT
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.shards import ShardStream
     from minicodeparrot.tokenizer import Tokenizer
 
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.data_workers < 0:
+        raise UserError("--batch-size must be >= 1 and --data-workers >= 0")
     dist_info = setup_distributed()
     model = GPT.from_pretrained(args.model).to(dist_info.device)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     seq_length = args.seq_length or model.config.n_positions
     if not 2 <= seq_length <= model.config.n_positions:
         raise UserError(f"--seq-length must be in 2..{model.config.n_positions} (the model's n_positions)")
-    sources = validation_sources(args.dataset)
-    if dist_info.is_main:
+    if dist_info.is_main and not args.tokenized:
+        sources = validation_sources(args.dataset)
         print(f"evaluating on {len(sources)} file(s): {', '.join(s.name for s in sources[:3])}"
               + (" ..." if len(sources) > 3 else ""))
-    stream = ShardStream(sources, split_by_rank=True, shuffle_files=False, text_field=args.text_field)
-    dataset = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, text_field=args.text_field)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    loader = build_valid_loader(
+        args.dataset, tokenizer, seq_length=seq_length, batch_size=args.batch_size, tokenized=args.tokenized,
+        rank=dist_info.rank, world_size=dist_info.world_size, text_field=args.text_field,
+        num_workers=args.data_workers, device=dist_info.device)
     total = args.max_eval_steps if args.max_eval_steps >= 0 else None
-    bar = tqdm(loader, total=total, desc="evaluating", unit="batch",
-               disable=args.no_progress or not dist_info.is_main)
-    result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps)
+    with loader:
+        bar = tqdm(loader, total=total, desc="evaluating", unit="batch",
+                   disable=args.no_progress or not dist_info.is_main)
+        result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps)
+    bad, dropped = loader.stats.get("bad_records"), loader.stats.get("tokens_dropped")
     result.update(model=str(args.model), seq_length=seq_length, batch_size=args.batch_size,
-                  bad_records_rank0=stream.bad_records.total, tokens_dropped_rank0=dataset.tokens_dropped)
+                  bad_records_rank0=bad, tokens_dropped_rank0=dropped)
     if dist_info.is_main:
+        skipped = f"{bad} bad records skipped on rank 0" if bad is not None else "stopped at --max-eval-steps"
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.4f}  "
               f"({result['tokens']:,} predicted tokens, {result['batches']} batches, "
-              f"{dist_info.world_size} rank(s); {stream.bad_records.total} bad records skipped on rank 0)")
+              f"{dist_info.world_size} rank(s); {skipped})")
         print(json.dumps(result))
         if args.output:
             with open(args.output, "w") as f:

@@ -61,6 +61,7 @@ from minicodeparrot.dist import (
 )
 from minicodeparrot.errors import UserError
 from minicodeparrot.evaluate import evaluate_loss
+from minicodeparrot.loader import build_train_loader, build_valid_loader
 
 log = logging.getLogger("minicodeparrot.train")
 
@@ -487,87 +488,13 @@ class NonFiniteLossError(UserError):
 
 
 # --- data ------------------------------------------------------------------------------------------------
-def build_train_data(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
-    """This rank's endless stream of LongTensor(seq_length) blocks (its own files / records)."""
-    if args.tokenized:
-        from minicodeparrot.pretokenize import TokenShardDataset
-
-        return TokenShardDataset(args.dataset_name_train, seq_length=args.seq_length, rank=rank,
-                                 world_size=world_size, seed=args.seed, infinite=True)
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.shards import ShardStream
-
-    stream = ShardStream(args.dataset_name_train, split_by_rank=True, seed=args.seed,
-                         shuffle_buffer=args.record_shuffle_buffer, rank=rank, world_size=world_size)
-    packed = ConstantLengthDataset(tokenizer, stream, seq_length=args.seq_length, infinite=True)
-    return SequenceShuffler(packed, args.sequence_shuffle_buffer, seed=f"sequences-{args.seed}-{rank}")
-
-
-class SequenceShuffler:
-    """Shuffle packed sequences through a buffer (moving to the data code)."""
-
-    def __init__(self, dataset, buffer_size: int, seed: str):
-        self.dataset, self.size = dataset, buffer_size
-        self.rng = random.Random(seed)
-        self.buffer: list[torch.Tensor] = []
-
-    def __iter__(self):
-        if self.size <= 1:
-            yield from self.dataset
-            return
-        for block in self.dataset:
-            if len(self.buffer) < self.size:
-                self.buffer.append(block)
-                continue
-            i = self.rng.randrange(self.size)
-            out, self.buffer[i] = self.buffer[i], block
-            yield out
-        self.rng.shuffle(self.buffer)
-        while self.buffer:
-            yield self.buffer.pop()
-
-    def state_dict(self) -> dict:
-        buffer = torch.stack(self.buffer).int() if self.buffer else torch.empty(0, dtype=torch.int32)
-        return {"source": self.dataset.state_dict(), "buffer": buffer, "rng": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state["source"])
-        self.buffer = list(state["buffer"].long())
-        self.rng.setstate(state["rng"])
-
-
-def build_valid_data(args: argparse.Namespace, tokenizer, rank: int, world_size: int):
-    """This rank's part of the validation set, in file order, read once."""
-    if args.tokenized:
-        from minicodeparrot.pretokenize import TokenShardDataset
-
-        return TokenShardDataset(args.dataset_name_valid, seq_length=args.seq_length, rank=rank,
-                                 world_size=world_size, seed=args.seed, infinite=False, shuffle=False)
-    from minicodeparrot.packing import ConstantLengthDataset
-    from minicodeparrot.shards import ShardStream
-
-    stream = ShardStream(args.dataset_name_valid, split_by_rank=True, shuffle_files=False, shuffle_buffer=0,
-                         rank=rank, world_size=world_size)
-    return ConstantLengthDataset(tokenizer, stream, seq_length=args.seq_length, infinite=False)
-
-
-def batches_of(blocks, batch_size: int):
-    """Stack blocks into batches; a shorter last batch when the data ends."""
-    it = iter(blocks)
-    while rows := [b for _, b in zip(range(batch_size), it, strict=False)]:
-        yield torch.stack(rows)
-
-
-def to_device(batches, device: torch.device):
-    """Batches moved to the device without blocking the host (the copy queues behind the running step).
-
-    The first batch's checksum goes to the debug log (computed on the host copy, so it costs no device
-    wait): two ranks with the same checksum would be reading the same data.
-    """
-    for i, batch in enumerate(batches):
-        if i == 0:
-            log.debug("first batch of this run: first sequence sums to %d", int(batch[0].sum()))
-        yield batch.to(device, non_blocking=True)
+def first_batch_logged(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The batches, after writing the first one's checksum to the debug log (one wait for the device, once
+    per run): two ranks with the same checksum would be training on the same data."""
+    batch = next(batches)
+    log.debug("first batch of this run: first sequence sums to %d", int(batch[0].sum()))
+    yield batch
+    yield from batches
 
 
 def check_token_shards(spec, tokenizer) -> None:
@@ -624,7 +551,12 @@ def set_up(args: argparse.Namespace, di: DistInfo) -> Run:
                                  args.lr_scheduler_type),
         scaler=torch.amp.GradScaler(di.device.type, enabled=args.mixed_precision == "fp16"),
         autocast=torch.autocast(di.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-        train_data=build_train_data(args, tokenizer, di.rank, di.world_size),
+        train_data=build_train_loader(
+            args.dataset_name_train, tokenizer, seq_length=args.seq_length, seed=args.seed,
+            batch_size=args.train_batch_size, record_shuffle_buffer=args.record_shuffle_buffer,
+            sequence_shuffle_buffer=args.sequence_shuffle_buffer, tokenized=args.tokenized, rank=di.rank,
+            world_size=di.world_size, num_workers=args.data_workers, prefetch=args.prefetch,
+            device=di.device),
         metrics=None, stop=StopRequest())
     if args.resume_from_checkpoint:
         path = resolve_resume(args.resume_from_checkpoint, output_dir)
@@ -637,7 +569,7 @@ def set_up(args: argparse.Namespace, di: DistInfo) -> Run:
             run.train_data.load_state_dict(state["rank_state"]["data"])
             set_rng_state(state["rank_state"]["rng"])
             log.info("resumed from %s at step %d", path, run.step)
-    run.batches = to_device(batches_of(run.train_data, args.train_batch_size), di.device)
+    run.batches = first_batch_logged(iter(run.train_data))
     run.metrics = MetricsLog(args, di, run.step)
     if di.is_main:
         (output_dir / "train_args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
@@ -655,9 +587,11 @@ def tokens_per_step(run: Run) -> int:
 def evaluate(run: Run) -> dict:
     """Validation loss and perplexity over this rank's share of the validation set, summed over ranks."""
     args, di = run.args, run.di
-    data = build_valid_data(args, run.tokenizer, di.rank, di.world_size)
-    batches = (b.to(di.device) for b in batches_of(data, args.valid_batch_size))
-    result = evaluate_loss(run.raw_model, batches, args.max_eval_steps, run.autocast)
+    loader = build_valid_loader(args.dataset_name_valid, run.tokenizer, seq_length=args.seq_length,
+                                batch_size=args.valid_batch_size, tokenized=args.tokenized, rank=di.rank,
+                                world_size=di.world_size, num_workers=args.data_workers, device=di.device)
+    with loader:
+        result = evaluate_loss(run.raw_model, loader, args.max_eval_steps, run.autocast)
     log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
     return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
 
@@ -684,7 +618,9 @@ def train(args: argparse.Namespace) -> dict:
     finally:
         if run is not None:
             run.stop.restore()
-            run.metrics.close()
+            run.train_data.close()  # the data workers end with the run, also when it fails
+            if run.metrics is not None:
+                run.metrics.close()
         teardown_distributed()
 
 

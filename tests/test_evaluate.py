@@ -11,6 +11,7 @@ from clirun import one_thread_cli, save_tiny_model, torchrun_cli
 
 from minicodeparrot import cli
 from minicodeparrot import evaluate as ev
+from minicodeparrot.data import validation_sources
 from minicodeparrot.errors import UserError
 
 
@@ -103,9 +104,9 @@ def test_cli_evaluate_loss_equals_transformers_on_hand_packed_blocks(tmp_path, g
 def test_validation_shards_are_picked_out_of_a_corpus_directory(tmp_path):
     for name in ("file-000000000000.json", "file-000000000001.json", "file-000000000002_validation.json"):
         (tmp_path / name).write_text(json.dumps({"content": "x = 1\n"}) + "\n")
-    assert [s.path.name for s in ev.validation_sources(tmp_path)] == ["file-000000000002_validation.json"]
+    assert [s.path.name for s in validation_sources(tmp_path)] == ["file-000000000002_validation.json"]
     single = tmp_path / "file-000000000000.json"
-    assert [s.path for s in ev.validation_sources(single)] == [single]
+    assert [s.path for s in validation_sources(single)] == [single]
 
 
 # --- under torchrun: 2 ranks (gloo on CPU) must give what 1 process gives -------------------------
