@@ -6,14 +6,18 @@ import json
 import random
 
 import pytest
+import regex
+import tokenizers
+import transformers
+from conftest import FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minicodeparrot import fast_split, parallel_encode, unicode_tables
 from minicodeparrot import tokenizer as tk
+from minicodeparrot.bpe_trainer import train_new_from_iterator
 from minicodeparrot.errors import UserError
 from minicodeparrot.tokenizer import Tokenizer, bytes_to_unicode, pre_tokenize, split_pieces
-
-tokenizers = pytest.importorskip("tokenizers")
 
 SAY_HELLO = 'def say_hello():\n    print("Hello, World!") # Print it\n\nsay_hello()\n'
 BOOK_PRE_TOKENS = [
@@ -115,22 +119,78 @@ def _probe(chars) -> str:
     return "".join(f"a{c}1{c}!{c} {c}'{c}" for c in chars)
 
 
-def test_code_point_classes_pinned_to_unicode_16():
-    """Every code point assigned in Unicode 17 (and its neighbours), all of 0..0x3000, and a sample."""
-    cps = set(range(0x3000))
-    for a, b in tk._NEW_IN_UNICODE_17:
-        cps.update(range(a - 3, b + 4))
-    cps.update(random.Random(0).sample(range(0x110000), 40_000))
-    chars = [chr(c) for c in sorted(cps) if not 0xD800 <= c <= 0xDFFF]
-    text = _probe(chars)
-    assert pre_tokenize(text) == REF_PRE.pre_tokenize_str(text)
+ALL_CODE_POINTS = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]  # surrogates are not text
+
+
+def _class_probes(run: int = 64) -> list[str]:
+    """Every code point, after a probe character of the class our tables give it, `run` at a time.
+
+    "a" + letters is one piece for the reference iff it calls every one of them a letter; likewise
+    "1" + numbers, "!" + the rest; spaces (25 code points) are probed one by one between letters.
+    As the four classes partition the code points, equal pieces for all probes mean equal classes.
+    """
+    head = {}
+    tables = unicode_tables.LETTERS, unicode_tables.NUMBERS, unicode_tables.SPACES
+    for table, h in zip(tables, "a1 ", strict=True):
+        for a, b in table:
+            head.update(dict.fromkeys(range(a, b + 1), h))
+    groups: dict[str, list[str]] = {"a": [], "1": [], "!": [], " ": []}
+    for cp in ALL_CODE_POINTS:
+        groups[head.get(cp, "!")].append(chr(cp))
+    probes = [f"x{c}y{c}{c}z {c}" for c in groups.pop(" ")]
+    for probe, chars in groups.items():
+        probes += [probe + "".join(chars[i : i + run]) for i in range(0, len(chars), run)]
+    return probes
+
+
+def test_every_code_point_in_the_reference_class():
+    """All 1,112,064 code points: pieces and offsets as the reference's pre-tokenizer, ids as its encode.
+
+    The probes are joined ("\n" between them ends any piece) into a few long texts; only a text
+    that differs is split up to name the first probe at fault.
+    """
+    ref = tokenizers.Tokenizer.from_file(str(FIXTURES / "tokenizer.json"))
+    ours = Tokenizer.from_pretrained(FIXTURES)
+    probes = _class_probes()
+
+    def same(text: str) -> bool:
+        pieces_same = pre_tokenize(text) == REF_PRE.pre_tokenize_str(text)
+        return pieces_same and ours.encode(text) == ref.encode(text).ids
+
+    n_space = sum(p.startswith("x") for p in probes)
+    assert n_space + sum(len(p) - 1 for p in probes if not p.startswith("x")) == len(ALL_CODE_POINTS)
+    for i in range(0, len(probes), 4096):
+        batch = probes[i : i + 4096]
+        text = "\n".join(batch)
+        if not same(text):
+            bad = next(p for p in batch if not same(p))
+            bad_cp = next(c for c in bad[1:] if not same(bad[0] + c))
+            pytest.fail(f"U+{ord(bad_cp):04X} is in a different class than in the reference (probe {bad!r})")
+
+
+def test_pattern_has_no_unicode_property_class():
+    # Only explicit escapes: \x, \u, \U code points and \t \n \r. No \p{..}, \s, \w, \d, whose meaning
+    # would come from the regex engine's own Unicode tables.
+    for pattern in (tk.SPLIT_PATTERN, fast_split.ASCII_PATTERN):
+        assert set(regex.findall(r"\\(.)", pattern)) <= {"x", "u", "U", "t", "n", "r"}
+    assert "\\p" in tk.GPT2_PATTERN  # (the check above can fail)
+    assert unicode_tables.REFERENCE == f"tokenizers {tokenizers.__version__}", (
+        "the installed reference differs from the one the tables were made from: "
+        "run scripts/make_unicode_tables.py (the sweep above says whether anything changed)")
+
+
+def test_any_regex_engine_gives_the_same_pieces():
+    text = _probe([chr(c) for c in range(0, 0x3000, 7)]) + "".join(ADVERSARIAL)
+    expected = split_pieces(text)
+    assert regex.compile(tk.SPLIT_PATTERN).findall(text) == expected
+    assert regex.compile(tk.SPLIT_PATTERN, regex.V1).findall(text) == expected
 
 
 def test_ascii_fast_path_equals_unicode_pattern():
-    # The `re` ASCII pattern must agree with the pinned `regex` pattern on every ASCII text.
+    # The `re` ASCII pattern must agree with the table pattern on every ASCII text.
     ascii_chars = [chr(c) for c in range(128)]
     text = _probe(ascii_chars) + "".join(random.Random(1).choices(ascii_chars, k=20_000))
-    assert tk._ASCII_RE.findall(text) == tk._PINNED_RE.findall(text)
+    assert fast_split.ASCII_RE.findall(text) == tk._SPLIT_RE.findall(text)
 
 
 # --- encode / decode parity ---------------------------------------------------------------------
@@ -204,7 +264,7 @@ def _cached(gpt2_dir):
 
 # --- batches ---------------------------------------------------------------------------------------
 def test_encode_batch_processes_keep_order(gpt2, small_stdlib_texts, monkeypatch):
-    monkeypatch.setattr(tk, "_PARALLEL_MIN_CHARS", 0)
+    monkeypatch.setattr(parallel_encode, "PARALLEL_MIN_CHARS", 0)
     texts = small_stdlib_texts[:40] + ["", "<|endoftext|>"]
     assert gpt2.encode_batch(texts, num_workers=2) == [gpt2.encode(t) for t in texts]
 
@@ -227,7 +287,6 @@ def test_load_formats_agree(gpt2_dir, gpt2, tmp_path):
 
 
 def test_save_pretrained_loads_in_reference_libraries(gpt2, tmp_path, small_stdlib_texts):
-    transformers = pytest.importorskip("transformers")
     out = gpt2.save_pretrained(tmp_path / "saved")
     files = {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
     assert {p.name for p in out.iterdir()} == files
@@ -292,9 +351,8 @@ def test_bad_inputs_raise_user_error(gpt2_dir, gpt2, tmp_path):
 
 
 # --- training hook ---------------------------------------------------------------------------------
-def test_train_new_from_iterator_delegates(gpt2, small_stdlib_texts):
-    pytest.importorskip("minicodeparrot.bpe_trainer")
-    new = gpt2.train_new_from_iterator(iter(small_stdlib_texts[:20]), vocab_size=400, show_progress=False)
+def test_train_new_from_iterator(gpt2, small_stdlib_texts):
+    new = train_new_from_iterator(gpt2, iter(small_stdlib_texts[:20]), vocab_size=400, show_progress=False)
     assert isinstance(new, Tokenizer) and len(new) == 400
     assert new.vocab["<|endoftext|>"] == 0 and new.eos_token_id == 0
     text = small_stdlib_texts[0]

@@ -7,7 +7,9 @@ import json
 import keyword
 
 import pytest
+import tokenizers
 
+from minicodeparrot.bpe_trainer import train_new_from_iterator
 from minicodeparrot.cli import main
 from minicodeparrot.tokenizer import Tokenizer
 from minicodeparrot.tokenizer_report import (
@@ -18,8 +20,6 @@ from minicodeparrot.tokenizer_report import (
     missing_keywords,
     sample_texts,
 )
-
-tokenizers = pytest.importorskip("tokenizers")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,7 @@ def test_report_parts_match_reference(gpt2, gpt2_dir, small_stdlib_texts):
 
 
 def test_trained_tokenizer_keeps_indentation_and_beats_gpt2(gpt2, small_stdlib_texts):
-    pytest.importorskip("minicodeparrot.bpe_trainer")
-    new = gpt2.train_new_from_iterator(small_stdlib_texts[:60], vocab_size=2000, show_progress=False)
+    new = train_new_from_iterator(gpt2, small_stdlib_texts[:60], vocab_size=2000, show_progress=False)
     rep = make_report(new, small_stdlib_texts[100:130], other=gpt2)
     assert "ĊĠĠĠ" in rep.snippet_tokens  # the book: a code tokenizer keeps the indentation whole
     assert rep.n_tokens < rep.other_tokens  # even a 2000-token code vocab beats GPT-2 on code
@@ -63,7 +62,6 @@ def test_sample_texts_sources(tmp_path):
     assert sample_texts(str(tmp_path / "pkg"), 10) == ["x = 1\n", "y = 2\n"]
     assert sample_texts(str(tmp_path / "pkg" / "b.py"), 10) == ["y = 2\n"]
     assert len(sample_texts(None, 3)) == 3  # the standard library
-    pytest.importorskip("minicodeparrot.shards")
     shard = tmp_path / "data.jsonl"
     records = "".join(json.dumps({"content": f"print({i})\n"}) + "\n" for i in range(5))
     shard.write_text(records, encoding="utf-8")
