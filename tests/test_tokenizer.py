@@ -358,3 +358,90 @@ def test_train_new_from_iterator(gpt2, small_stdlib_texts):
     text = small_stdlib_texts[0]
     assert new.decode(new.encode(text)) == text
     assert len(new.encode(text)) < len(text)
+
+
+# --- the word cache ----------------------------------------------------------------------------------
+def test_word_cache_limit_never_changes_results(gpt2_dir, ref, small_stdlib_texts, monkeypatch):
+    # A handful of entries: nearly every text brings more new pieces than fit, next to pieces cached
+    # by the text before (this raised KeyError once, when the cache was cleared between the two).
+    monkeypatch.setattr(tk, "CACHE_LIMIT", 5)
+    tok = Tokenizer.from_pretrained(gpt2_dir)
+    rng = random.Random(3)
+    texts = small_stdlib_texts[:30] + ADVERSARIAL + ["def f(x):\n    return x", "x", "x y", "y z w v u t"]
+    rng.shuffle(texts)
+    bound = max(len(set(split_pieces(t))) for t in texts)  # a text's own pieces always fit
+    for text in texts + texts[::-1]:
+        assert tok.encode(text) == ref.encode(text).ids
+        assert len(tok._cache) <= bound
+    assert tok.encode_with_offsets(texts[0])[0] == ref.encode(texts[0]).ids
+
+
+# --- offsets -------------------------------------------------------------------------------------------
+OFFSET_TEXTS = [
+    *ADVERSARIAL,
+    "naïve café, Ελληνικά, עברית ومرحبا, हिन्दी, ภาษาไทย, 日本語とカタカナ, 한국어",
+    "🐍🦜 👩‍👩‍👧‍👦 👍🏿 🇯🇵🇫🇷 🏴‍☠️ ⌚️ 1️⃣",
+    "e\u0301\u0302\u0303 a\u0308\u0323 o\u0338 Z\u0351\u0352\u0353\u0354 ก\u0e48\u0e49 ﷺ",
+    "簿羊抉吩骉瘇豿夓凶澥 𠀀𠀁𪛖 \U0010fffd\U000e0001\U000f0000",  # rare: tokens cut inside characters
+    "x€€€y €x x€ ‰‱ \u00ad\u200d\u2060",
+]
+
+
+def _small_tokenizer() -> Tokenizer:
+    # Few merges: most non-ASCII characters stay split into byte tokens, some merges join bytes of two
+    # characters, so token boundaries fall inside characters (the reference's offsets then widen).
+    from minicodeparrot.bpe_trainer import train_bpe
+
+    return train_bpe(OFFSET_TEXTS * 3, 420, initial_alphabet=sorted(bytes_to_unicode().values()),
+                     show_progress=False, num_workers=1)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "small"])
+def test_encode_with_offsets_matches_reference(gpt2, which, tmp_path):
+    tok = gpt2 if which == "gpt2" else _small_tokenizer()
+    rt = tokenizers.Tokenizer.from_file(str(tok.save_pretrained(tmp_path) / "tokenizer.json"))
+    for text in OFFSET_TEXTS:
+        enc = rt.encode(text)
+        ids, offsets = tok.encode_with_offsets(text)
+        assert (ids, offsets) == (enc.ids, enc.offsets), text
+        assert tok.convert_ids_to_tokens(ids) == enc.tokens
+        assert ids == tok.encode(text)
+    plain = "a<|endoftext|>b"
+    assert tok.encode_with_offsets(plain, parse_special=False)[0] == tok.encode(plain, parse_special=False)
+    assert tok.encode_with_offsets(plain) == (rt.encode(plain).ids, rt.encode(plain).offsets)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_property_offsets(gpt2_dir, text):
+    tok, ref = _cached(gpt2_dir)
+    enc = ref.encode(text)
+    assert tok.encode_with_offsets(text) == (enc.ids, enc.offsets)
+
+
+# --- module layout ---------------------------------------------------------------------------------
+def test_tokenizer_modules_import_no_cycle():
+    """The algorithm imports its helpers, never the other way round (imports inside functions count)."""
+    import ast
+    import importlib
+
+    names = ["tokenizer", "tokenizer_files", "fast_split", "parallel_encode", "unicode_tables", "bpe_trainer",
+             "bpe_reference", "tokenizer_report"]
+    graph = {}
+    for name in names:
+        tree = ast.parse(open(importlib.import_module(f"minicodeparrot.{name}").__file__).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minicodeparrot"):
+                deps.add(node.module.removeprefix("minicodeparrot").lstrip("."))
+                deps.update(a.name for a in node.names if node.module == "minicodeparrot")
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.removeprefix("minicodeparrot.") for a in node.names
+                            if a.name.startswith("minicodeparrot."))
+        graph[name] = deps & set(names)
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph[start])
+
+    assert [n for n in names if reaches(n, n, set())] == []
+    assert "bpe_trainer" not in graph["tokenizer"] and "tokenizer" in graph["bpe_trainer"]

@@ -106,3 +106,23 @@ def test_cli_tokenizer_report(gpt2_dir, tmp_path, capsys):
     assert "Python keywords missing from the vocab (6 of 35)" in out
     assert "first merges: [' t', ' a', 'he']" in out
     assert "sample: 1 texts, 580 characters, 260 tokens" in out and "(1.000x)" in out
+
+
+def test_cli_tokenize_json_diffs_clean_against_the_reference(gpt2_dir, tmp_path, capsys, monkeypatch):
+    """`tokenize --json`: one {"ids", "tokens", "offsets"} object per input, as the reference's Encoding."""
+    ref = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
+    texts = ["naïve café 🐍👩\u200d💻 e\u0301 日本語 Привет<|endoftext|>x\r\n", SNIPPET]
+
+    def golden(text: str) -> dict:
+        enc = ref.encode(text)
+        return {"ids": enc.ids, "tokens": enc.tokens, "offsets": [list(o) for o in enc.offsets]}
+
+    f = tmp_path / "in.txt"
+    f.write_bytes(texts[0].encode())
+    main(["tokenize", str(f), "--tokenizer", str(gpt2_dir), "--json"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out) == golden(texts[0])
+    shard = tmp_path / "data.jsonl"
+    shard.write_text("".join(json.dumps({"content": t}) + "\n" for t in texts), encoding="utf-8")
+    main(["tokenize", "--dataset", str(shard), "--n", "2", "--tokenizer", str(gpt2_dir), "--json"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [golden(t) for t in texts]
