@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
-from itertools import chain
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain, repeat
+from operator import lshift, or_
 from pathlib import Path
 
-from minicodeparrot import parallel_encode, tokenizer_files
+from minicodeparrot import parallel_encode, piece_cuts, tokenizer_files
 from minicodeparrot.errors import UserError
-from minicodeparrot.fast_split import ASCII_RE
+from minicodeparrot.fast_split import ASCII_RE, split_any
 from minicodeparrot.tokenizer_files import EOS_TOKEN
 from minicodeparrot.unicode_tables import LETTERS, NUMBERS, SPACES
 
@@ -97,8 +98,8 @@ def _to_symbols(piece: str) -> str:
 
 
 def split_pieces(text: str) -> list[str]:
-    """The GPT-2 regex pieces of `text`, as raw text."""
-    return _split_re(text).findall(text)
+    """The GPT-2 regex pieces of `text`, as raw text (SPLIT_PATTERN's; fast_split.py has the speed paths)."""
+    return ASCII_RE.findall(text) if text.isascii() else split_any(text)
 
 
 def pre_tokenize(text: str) -> list[tuple[str, tuple[int, int]]]:
@@ -106,36 +107,53 @@ def pre_tokenize(text: str) -> list[tuple[str, tuple[int, int]]]:
     return [(_to_symbols(m.group()), m.span()) for m in _split_re(text).finditer(text)]
 
 
-_NO_MERGE = 1 << 62  # rank of a pair that is not a merge
+# BPE works on token ids. A pair (left, right) is the int `left << ID_BITS | right`, and a merge is
+# stored as `rank << ID_BITS | merged_id`: one dict lookup gives both, and the smallest value is
+# the lowest rank. Ints hash and compare in C, without building tuples or strings per pair.
+ID_BITS = 20  # ids below 2**20 (GPT-2's are below 2**16)
+_ID_MASK = (1 << ID_BITS) - 1
+_NO_MERGE = 1 << 62  # the value of a pair that is not a merge
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+def _bpe(ids: list[int], merges: dict[int, int]) -> list[int]:
     """Apply merges to one piece: repeatedly merge the adjacent pair of lowest rank, leftmost first.
 
     This is the reference's order (a priority queue of (rank, position)), so `a a a` -> `aa a`.
-    `pair_ranks[i]` is the rank of (symbols[i], symbols[i+1]); after a merge only its two neighbours
+    `pair[i]` is the merge value of (ids[i], ids[i+1]); after a merge only its two neighbours
     change, and `min`/`index` over the list run in C, which keeps a cache miss cheap.
     """
-    get = ranks.get
-    pair_ranks = [get(pair, _NO_MERGE) for pair in zip(symbols, symbols[1:], strict=False)]
-    while pair_ranks:
-        best = min(pair_ranks)
+    get = merges.get
+    pair = list(map(get, map(or_, map(lshift, ids, repeat(ID_BITS)), ids[1:]), repeat(_NO_MERGE)))
+    while pair:
+        best = min(pair)
         if best == _NO_MERGE:
             break
-        i = pair_ranks.index(best)
-        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-        del pair_ranks[i]
+        i = pair.index(best)
+        ids[i : i + 2] = (best & _ID_MASK,)
+        del pair[i]
         if i > 0:
-            pair_ranks[i - 1] = get((symbols[i - 1], symbols[i]), _NO_MERGE)
-        if i < len(pair_ranks):
-            pair_ranks[i] = get((symbols[i], symbols[i + 1]), _NO_MERGE)
-    return symbols
+            pair[i - 1] = get(ids[i - 1] << ID_BITS | ids[i], _NO_MERGE)
+        if i < len(pair):
+            pair[i] = get(ids[i] << ID_BITS | ids[i + 1], _NO_MERGE)
+    return ids
 
 
-# Distinct pieces kept in a tokenizer's word cache. When a text brings more new pieces than there
-# is room for, the cache is emptied first and refilled with that text's pieces, so a long-lived
-# tokenizer (a worker, a service) stays bounded and every lookup of the current text hits.
+# Distinct pieces kept in a tokenizer's word cache. A call that finds it fuller than this empties it
+# first, so a long-lived tokenizer (a worker, a service) stays bounded; results never depend on it.
 CACHE_LIMIT = 1 << 18
+
+
+class _WordCache(dict):
+    """piece -> ids. A piece not in it is BPE'd on its first lookup (`__missing__`), so encoding is
+    one C-level `map(cache.__getitem__, pieces)` and no lookup can ever fail."""
+
+    def __init__(self, bpe: Callable[[str], tuple[int, ...]]) -> None:
+        super().__init__()
+        self.bpe = bpe
+
+    def __missing__(self, piece: str) -> tuple[int, ...]:
+        ids = self[piece] = self.bpe(piece)
+        return ids
 
 
 class Tokenizer:
@@ -154,7 +172,11 @@ class Tokenizer:
                 self.vocab[tok] = max(self.vocab.values(), default=-1) + 1
         self.special_tokens = list(special_tokens)
         self._check()
-        self._ranks = {pair: i for i, pair in enumerate(self.merges)}
+        v = self.vocab
+        self._merges = {v[a] << ID_BITS | v[b]: rank << ID_BITS | v[a + b]
+                        for rank, (a, b) in enumerate(self.merges)}
+        self._byte_ids = {b: v[c] for b, c in _BYTE_TO_CHAR.items() if c in v}
+        self._cross_index: piece_cuts.CrossIndex | None = None  # built on the first long non-ASCII piece
         self._id_to_token = {i: t for t, i in self.vocab.items()}
         special = set(self.special_tokens)
         self._id_to_bytes = {
@@ -164,12 +186,14 @@ class Tokenizer:
         # Longest first, so that an added token that contains another wins (leftmost-longest).
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._cache = _WordCache(self._bpe_piece)
 
     def _check(self) -> None:
         ids = list(self.vocab.values())
         if len(set(ids)) != len(ids):
             raise UserError("vocab maps two tokens to the same id; the vocab file is corrupt, regenerate it")
+        if max(ids, default=0) >> ID_BITS or min(ids, default=0) < 0:
+            raise UserError(f"token ids must be in 0..{_ID_MASK}; this vocab is not a GPT-2 style vocab")
         special = set(self.special_tokens)
         for t in self.vocab:
             if t not in special and any(c not in _CHAR_TO_BYTE for c in t):
@@ -191,20 +215,24 @@ class Tokenizer:
 
     # --- encoding -------------------------------------------------------------------------------
     def _piece_ids(self, pieces: list[str]) -> Iterable[tuple[int, ...]]:
-        """The ids of each piece, BPE run once per distinct piece (see CACHE_LIMIT)."""
-        cache = self._cache
-        missing = set(pieces).difference(cache)
-        if missing:
-            if len(cache) + len(missing) > CACHE_LIMIT:
-                cache.clear()
-                missing = set(pieces)
-            vocab, ranks = self.vocab, self._ranks
-            for piece in missing:
-                cache[piece] = tuple(map(vocab.__getitem__, _bpe(list(_to_symbols(piece)), ranks)))
-        return map(cache.__getitem__, pieces)
+        """The ids of each piece; BPE runs once per distinct piece, on its first lookup (_WordCache)."""
+        return map(self._cache.__getitem__, pieces)
+
+    def _bpe_piece(self, piece: str) -> tuple[int, ...]:
+        if not piece.isascii() and len(piece) > 2:
+            if self._cross_index is None:
+                self._cross_index = piece_cuts.CrossIndex(self._id_to_bytes.values())
+            segments = self._cross_index.segments(piece)
+            if len(segments) > 1:  # each part is looked up (and, if new, BPE'd) on its own
+                return tuple(chain.from_iterable(map(self._cache.__getitem__, segments)))
+        return tuple(_bpe(list(map(self._byte_ids.__getitem__, piece.encode("utf-8"))), self._merges))
 
     def _parts(self, text: str, parse_special: bool) -> list[tuple[int, str, bool]]:
-        """(start, substring, is_special) for the stretches between special tokens, and for them."""
+        """(start, substring, is_special) for the stretches between special tokens, and for them.
+
+        Called once per encode: the place to keep the word cache bounded (see CACHE_LIMIT)."""
+        if len(self._cache) > CACHE_LIMIT:
+            self._cache.clear()
         if not parse_special or self._special_re is None:
             return [(0, text, False)]
         parts, pos = [], 0

@@ -369,10 +369,11 @@ def test_word_cache_limit_never_changes_results(gpt2_dir, ref, small_stdlib_text
     rng = random.Random(3)
     texts = small_stdlib_texts[:30] + ADVERSARIAL + ["def f(x):\n    return x", "x", "x y", "y z w v u t"]
     rng.shuffle(texts)
-    bound = max(len(set(split_pieces(t))) for t in texts)  # a text's own pieces always fit
     for text in texts + texts[::-1]:
+        before = len(tok._cache)
         assert tok.encode(text) == ref.encode(text).ids
-        assert len(tok._cache) <= bound
+        # What the limit let stay, plus this text's pieces (and parts of pieces): bounded.
+        assert len(tok._cache) <= (before if before <= 5 else 0) + 2 * len(text)
     assert tok.encode_with_offsets(texts[0])[0] == ref.encode(texts[0]).ids
 
 
@@ -445,3 +446,26 @@ def test_tokenizer_modules_import_no_cycle():
 
     assert [n for n in names if reaches(n, n, set())] == []
     assert "bpe_trainer" not in graph["tokenizer"] and "tokenizer" in graph["bpe_trainer"]
+
+
+# --- cutting long pieces (piece_cuts.py) -------------------------------------------------------------
+CUT_ALPHABET = sorted(set("".join(OFFSET_TEXTS[-5:]) + "Привет мир中文字符日本語€ ") - set("\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(CUT_ALPHABET), max_size=40).map("".join))
+def test_property_cut_pieces_keep_reference_ids(gpt2_dir, tmp_path_factory, text):
+    # Both GPT-2 and a small vocab whose merges join bytes of neighbouring characters (so some
+    # positions between two characters are crossed by a token and must not be cut).
+    for tok, ref in _cut_pairs(gpt2_dir, tmp_path_factory):
+        assert tok.encode(text) == ref.encode(text).ids
+
+
+def _cut_pairs(gpt2_dir, tmp_path_factory):
+    if "cut" not in _CACHE:
+        small = _small_tokenizer()
+        path = small.save_pretrained(tmp_path_factory.mktemp("small")) / "tokenizer.json"
+        _CACHE["cut"] = [_cached(gpt2_dir), (small, tokenizers.Tokenizer.from_file(str(path)))]
+    for tok, _ in _CACHE["cut"]:
+        tok._cache.clear()  # every example cuts its pieces anew
+    return _CACHE["cut"]

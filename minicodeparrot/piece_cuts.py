@@ -1,0 +1,62 @@
+"""A speed path for BPE on long non-ASCII pieces: cut them where no merge can ever cross.
+
+A Chinese clause is one GPT-2 piece (` ?\\p{L}+` swallows it whole), 30-90 bytes that are nearly
+always new, so the word cache misses and BPE runs on every byte. But BPE only ever joins bytes
+into tokens of the vocab: if no vocab token occurs in the piece's bytes across a position, no
+merge can cross it, the two sides are merged independently, and
+BPE(piece) = BPE(left) + BPE(right) exactly. Cut there, and each side is a short string that the
+word cache already knows (a common character, a frequent Cyrillic syllable).
+
+We only look between two non-ASCII characters, and only at bigrams of two non-ASCII bytes: few
+tokens hold those, so the check is a dict lookup and a handful of byte comparisons. Between ASCII
+letters nearly every position is crossed by some token; there is nothing to gain.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_MAX_CANDIDATES = 64  # a bigram inside more tokens than this: do not cut there (always exact, just slower)
+# Between two non-ASCII characters: in text, and in UTF-8 (after a continuation byte, before a lead byte).
+_BETWEEN = re.compile(r"(?<=[^\x00-\x7f])(?=[^\x00-\x7f])")
+_BETWEEN_BYTES = re.compile(rb"(?<=[\x80-\xbf])(?=[\xc0-\xff])")
+
+
+class CrossIndex:
+    """The vocab's tokens, indexed by the bigrams of two non-ASCII bytes they hold."""
+
+    def __init__(self, tokens: Iterable[bytes]) -> None:
+        self.where: dict[bytes, list[tuple[bytes, int]]] = {}  # bigram -> [(token, offset of the bigram)]
+        for t in tokens:
+            if t.isascii():
+                continue
+            for k in range(len(t) - 1):
+                if t[k] >= 0x80 and t[k + 1] >= 0x80:
+                    self.where.setdefault(t[k : k + 2], []).append((t, k))
+        # The bigrams that a token holds across a character boundary (continuation byte, lead byte):
+        # a piece holding none of them can be cut between every two non-ASCII characters at once.
+        across = [re.escape(b) for b in self.where if b[0] < 0xC0 <= b[1]]
+        self.across = re.compile(b"|".join(across) if across else rb"(?!)")
+
+    def segments(self, piece: str) -> list[str]:
+        """`piece` cut at every position between two non-ASCII characters that no token crosses."""
+        data = piece.encode("utf-8")
+        blocked = set()
+        for m in self.across.finditer(data):  # the only positions where a token might cross
+            p = m.start() + 1
+            candidates = self.where[m.group()]
+            # A token t holding the bigram at offset k would sit at data[p - 1 - k : ...].
+            if len(candidates) > _MAX_CANDIDATES or any(
+                    k < p and data[p - 1 - k : p - 1 - k + len(t)] == t for t, k in candidates):
+                blocked.add(p)
+        if not blocked:
+            return _BETWEEN.split(piece)
+        out, pos = [], 0
+        for seg in _BETWEEN_BYTES.split(data):
+            if pos in blocked:
+                out[-1] += seg
+            else:
+                out.append(seg)
+            pos += len(seg)
+        return [seg.decode("utf-8") for seg in out]
