@@ -41,6 +41,8 @@ class CrossIndex:
 
     def segments(self, piece: str) -> list[str]:
         """`piece` cut at every position between two non-ASCII characters that no token crosses."""
+        if _BETWEEN.search(piece) is None:  # e.g. a Spanish word with one accent: nowhere to cut
+            return [piece]
         data = piece.encode("utf-8")
         blocked = set()
         for m in self.across.finditer(data):  # the only positions where a token might cross
