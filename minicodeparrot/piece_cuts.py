@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from itertools import accumulate
 
 _MAX_CANDIDATES = 64  # a bigram inside more tokens than this: do not cut there (always exact, just slower)
-# Between two non-ASCII characters: in text, and in UTF-8 (after a continuation byte, before a lead byte).
+# Between two non-ASCII characters; an ASCII character.
 _BETWEEN = re.compile(r"(?<=[^\x00-\x7f])(?=[^\x00-\x7f])")
-_BETWEEN_BYTES = re.compile(rb"(?<=[\x80-\xbf])(?=[\xc0-\xff])")
+_ASCII = re.compile(r"[\x00-\x7f]")
 
 
 class CrossIndex:
@@ -36,12 +37,18 @@ class CrossIndex:
                     self.where.setdefault(t[k : k + 2], []).append((t, k))
         # The bigrams that a token holds across a character boundary (continuation byte, lead byte):
         # a piece holding none of them can be cut between every two non-ASCII characters at once.
-        across = [re.escape(b) for b in self.where if b[0] < 0xC0 <= b[1]]
+        # One branch per first byte, `\x80[\xe4\xe5]`: the regex engine skips on the first byte.
+        seconds: dict[int, bytes] = {}
+        for b in self.where:
+            if b[0] < 0xC0 <= b[1]:
+                seconds[b[0]] = seconds.get(b[0], b"") + re.escape(b[1:])
+        across = [re.escape(bytes([first])) + b"[" + rest + b"]" for first, rest in seconds.items()]
         self.across = re.compile(b"|".join(across) if across else rb"(?!)")
 
     def segments(self, piece: str) -> list[str]:
         """`piece` cut at every position between two non-ASCII characters that no token crosses."""
-        if _BETWEEN.search(piece) is None:  # e.g. a Spanish word with one accent: nowhere to cut
+        no_ascii = _ASCII.search(piece) is None  # e.g. a Chinese clause: cut between any two characters
+        if not no_ascii and _BETWEEN.search(piece) is None:  # e.g. a Spanish word with one accent
             return [piece]
         data = piece.encode("utf-8")
         blocked = set()
@@ -52,13 +59,10 @@ class CrossIndex:
             if len(candidates) > _MAX_CANDIDATES or any(
                     k < p and data[p - 1 - k : p - 1 - k + len(t)] == t for t, k in candidates):
                 blocked.add(p)
-        if not blocked:
-            return _BETWEEN.split(piece)
-        out, pos = [], 0
-        for seg in _BETWEEN_BYTES.split(data):
-            if pos in blocked:
-                out[-1] += seg
-            else:
-                out.append(seg)
-            pos += len(seg)
-        return [seg.decode("utf-8") for seg in out]
+        parts = list(piece) if no_ascii else _BETWEEN.split(piece)
+        if blocked:  # glue the parts back together where a token crosses, rightmost first
+            ends = list(accumulate(map(len, parts)))
+            for j in sorted((len(data[:p].decode("utf-8")) for p in blocked), reverse=True):
+                i = ends.index(j)  # parts[i] ends at character j
+                parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        return parts

@@ -12,8 +12,9 @@ Encoding a text takes four steps, the same as OpenAI's GPT-2 and Hugging Face `t
 Speed comes from step 4 being done once per distinct piece: code repeats the same few thousand
 pieces (`Ġself`, `ĊĠĠĠĠĠĠĠ`, ...), so a dict from piece to ids answers almost every lookup, and the
 hot loop is a regex `findall` plus C-level dict lookups. The other speed paths live beside this
-module: fast_split.py (pure-ASCII texts) and parallel_encode.py (batches over processes); the
-Hugging Face file formats live in tokenizer_files.py.
+module: fast_split.py (the split through a pattern of ASCII classes), piece_cuts.py (long
+non-ASCII pieces, e.g. Chinese clauses, cut where no merge can cross) and parallel_encode.py
+(batches over processes). The Hugging Face file formats live in tokenizer_files.py.
 
 The Unicode pitfall: GPT-2's pattern says `\\p{L}`, `\\p{N}` and `\\s`, whose meaning depends on the
 regex engine's Unicode tables. The reference runs it through Oniguruma with tables of its own;
