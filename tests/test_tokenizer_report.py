@@ -88,7 +88,11 @@ def test_cli_tokenize(gpt2_dir, tmp_path, capsys, monkeypatch):
     ["tokenizer-report", "no-such-dir"],
     ["tokenizer-report", "TOK", "--n", "0"],
 ])
-def test_cli_errors_exit_2(argv, gpt2_dir, capsys):
+def test_cli_errors_exit_2(argv, gpt2_dir, capsys, monkeypatch, tmp_path):
+    # "no-such-dir" could be a Hub repo id: never ask a real Hub here (tests/test_tokenizer_files.py does
+    # that against the loopback server).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     argv = [str(gpt2_dir) if a == "TOK" else a for a in argv]
     with pytest.raises(SystemExit) as e:
         main(argv)
