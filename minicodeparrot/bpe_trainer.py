@@ -39,10 +39,11 @@ invalidation"). The first entry that is popped with a current count is then the 
 An entry is one int, `key - count * V**2` with `key = left * V + right`: heapq compares ints
 in C, and the smallest int is the highest count, then the smallest (left, right).
 
-Unicode version (a pitfall, handled): the reference's regex engine (Oniguruma) has Unicode 16.0
-tables; Python's `regex` has 17.0, in which ~17k code points became letters or numbers (U+A7CE,
-U+10940, ...). Unpinned, one file with such a character shifts every later merge. We split with
-`tokenizer.split_pieces`, which pins \\p{L} and \\p{N} to Unicode 16, so parity holds on any text.
+Unicode classes (a pitfall, handled): which code points are letters and numbers depends on the
+Unicode tables of the regex engine. We split with `tokenizer.split_pieces`, whose pattern spells
+out the reference's own classes as code-point ranges (unicode_tables.py, generated from the
+reference library) instead of `\\p{L}`/`\\p{N}`: no `regex` release, old or new, can move a
+character (U+A7CE, U+10940, ...) from one class to another and shift every later merge.
 
 Two deliberate differences, both outside what real training hits:
 - Counts: the reference stores pair counts as 32-bit signed ints, so a pair seen more than
@@ -283,3 +284,22 @@ def train_bpe(
     merges = _merge_loop(words, counts, id_to_token, vocab_size, min_frequency, show_progress)
     vocab = {t: i for i, t in enumerate(id_to_token)}
     return Tokenizer(vocab, [(id_to_token[a], id_to_token[b]) for a, b in merges], tuple(special_tokens))
+
+
+def train_new_from_iterator(
+    base: Tokenizer,
+    iterator: Iterable[str | list[str]],
+    vocab_size: int,
+    initial_alphabet: Iterable[str] | None = None,
+    min_frequency: int = 0,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """The book's `tokenizer.train_new_from_iterator(texts, vocab_size)`: a new tokenizer of the same
+    kind as `base` (byte-level BPE, the same special tokens) trained on `iterator`.
+
+    As in `transformers`, the full 256-symbol byte alphabet is always part of the new vocab, so
+    the result can encode any text; `initial_alphabet` may add more symbols.
+    """
+    alphabet = sorted(set(BYTE_LEVEL_ALPHABET) | set(initial_alphabet or ()))
+    return train_bpe(iterator, vocab_size, special_tokens=tuple(base.special_tokens),
+                     min_frequency=min_frequency, initial_alphabet=alphabet, show_progress=show_progress)

@@ -89,7 +89,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenize", help="print the tokens and ids of a file, stdin or dataset records",
         description="Prints the token strings as the book shows them (['def', 'Ġsay', ...]); "
-                    "--ids prints ids. With --dataset: one line per record.")
+                    "--ids prints ids, --json ids, tokens and offsets. With --dataset: one line per record.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("file", nargs="?", default=None, help="text file to tokenize ('-' or nothing: stdin)")
     src.add_argument("--dataset", metavar="SRC", default=None,
@@ -97,9 +97,13 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1, help="with --dataset: how many records, from the first (1)")
     p.add_argument("--text-field", default="content", help="with --dataset: record field holding the text")
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer directory (tokenizer.json, or vocab.json + merges.txt), "
-                        "e.g. from train-tokenizer")
-    p.add_argument("--ids", action="store_true", help="print token ids instead of token strings")
+                   help="tokenizer directory (tokenizer.json, or vocab.json + merges.txt), e.g. from "
+                        "train-tokenizer, or a Hub model repo (codeparrot/codeparrot, gpt2)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--ids", action="store_true", help="print token ids instead of token strings")
+    out.add_argument("--json", action="store_true",
+                     help='print one JSON object per input: {"ids", "tokens", "offsets"} (character offsets, '
+                          "as the reference's Encoding)")
     p.add_argument("--no-special", action="store_true",
                    help="encode a literal <|endoftext|> as plain text instead of the special token")
     p.set_defaults(func=_tokenize)
@@ -122,6 +126,17 @@ def _tokenize(args: argparse.Namespace) -> None:
             raise UserError(f"{args.file} does not exist; pass a text file or '-' for stdin") from None
         except UnicodeDecodeError:
             raise UserError(f"{args.file} is not UTF-8 text; convert it first") from None
+    _print_tokens(tok, text, args)
+
+
+def _print_tokens(tok, text: str, args: argparse.Namespace) -> None:
+    if args.json:
+        import json
+
+        ids, offsets = tok.encode_with_offsets(text, parse_special=not args.no_special)
+        record = {"ids": ids, "tokens": tok.convert_ids_to_tokens(ids), "offsets": [list(o) for o in offsets]}
+        print(json.dumps(record, ensure_ascii=False))
+        return
     ids = tok.encode(text, parse_special=not args.no_special)
     print(ids if args.ids else tok.convert_ids_to_tokens(ids))
 
@@ -133,8 +148,7 @@ def _tokenize_dataset(tok, args: argparse.Namespace) -> None:
         raise UserError(f"--n must be at least 1, got {args.n}")
     count = 0
     for text in iter_texts(args.dataset, n=args.n, text_field=args.text_field):
-        ids = tok.encode(text, parse_special=not args.no_special)
-        print(ids if args.ids else tok.convert_ids_to_tokens(ids))
+        _print_tokens(tok, text, args)
         count += 1
     if count == 0:
         raise UserError(f"no records with a {args.text_field!r} field in {args.dataset}; check --text-field")
@@ -147,14 +161,13 @@ def _add_tokenizer_report(sub: argparse._SubParsersAction) -> None:
         "tokenizer-report", help="book-style analysis of a trained tokenizer",
         description="Longest tokens, first/last merges, Python keywords missing from the vocab, characters "
                     "per token on a sample and the token count against another tokenizer (e.g. GPT-2's).")
-    p.add_argument("tokenizer", help="tokenizer directory to analyse")
+    p.add_argument("tokenizer", help="tokenizer directory to analyse, or a Hub model repo (owner/name)")
     p.add_argument("--dataset", default=None,
                    help="sample source: a .py file, a directory of .py files, or dataset shards / Hub repo "
                         "(default: this interpreter's standard library)")
     p.add_argument("--n", type=int, default=500, help="number of texts in the sample (book: 500)")
     p.add_argument("--compare-with", metavar="DIR", default=None,
-                   help="tokenizer directory to compare token counts with "
-                        "(e.g. GPT-2's vocab.json + merges.txt)")
+                   help="tokenizer directory or Hub repo to compare token counts with (e.g. gpt2)")
     p.add_argument("--top", type=int, default=8, help="how many longest tokens and first/last merges to show")
     p.set_defaults(func=_tokenizer_report)
 

@@ -399,6 +399,11 @@ def _remote_meta(repo_id: str, path: str, revision: str, repo_type: str) -> tupl
     with requests.Session() as session:
         what = f"{repo_type} {repo_id}@{revision}: {path}"
         response = _get(session, url, what, method="HEAD", follow=False)
+        for _ in range(RETRY.max_redirects):  # a renamed repo (gpt2) redirects to its new name, same host
+            location = response.headers.get("Location", "")
+            if not (response.is_redirect and location.startswith("/")):
+                break
+            response = _get(session, urljoin(url, location), what, method="HEAD", follow=False)
     etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag")
     size = response.headers.get("X-Linked-Size")
     if size is None and not response.is_redirect:

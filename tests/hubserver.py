@@ -9,6 +9,8 @@ It serves local directories as Hub repos on 127.0.0.1:
       is the same server under a different host name, so a client must not send its token there;
   GET /cdn/...   the bytes, with Range (206), ETag and Content-Length; no auth (the URL is "signed").
 With `token` set, /api and /resolve need `Authorization: Bearer <token>` (else 401).
+`aliases` maps a one-segment legacy model name to its repo (`gpt2` -> `openai-community/gpt2`): like the Hub,
+  /{alias}/resolve/... answers 307 with a relative Location under the repo's own name.
 
 Faults: `body_faults` / `api_faults` are queues consumed one per request of that kind (a body request is
 one that would send file bytes): ("status", 503), ("status", 429, retry_after), ("cut", n_bytes) sends
@@ -39,10 +41,12 @@ LFS_SUFFIXES = (".gz", ".safetensors")
 
 class HubServer:
     def __init__(self, datasets: dict[str, Path] | None = None, models: dict[str, Path] | None = None,
-                 token: str | None = None, page_size: int = 3, cross_host: bool = False):
+                 token: str | None = None, page_size: int = 3, cross_host: bool = False,
+                 aliases: dict[str, str] | None = None):
         self.repos = {("datasets", k): Path(v) for k, v in (datasets or {}).items()}
         self.repos.update({("models", k): Path(v) for k, v in (models or {}).items()})
         self.token = token
+        self.aliases = dict(aliases or {})
         self.page_size = page_size
         self.cross_host = cross_host
         self.listed_size: dict[str, int] = {}  # path -> size to claim in the listing (size-mismatch tests)
@@ -128,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._body(self._file((parts[1], f"{parts[2]}/{parts[3]}"), "/".join(parts[4:])), head)
             elif len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
                 self._resolve(("datasets", f"{parts[1]}/{parts[2]}"), "/".join(parts[5:]), head)
+            elif len(parts) >= 4 and parts[1] == "resolve" and parts[0] in self.hub.aliases:
+                rest = "/".join(quote(p) for p in parts[1:])
+                self._send(307, b"", {"Location": f"/{self.hub.aliases[parts[0]]}/{rest}"}, head=True)
             elif len(parts) >= 5 and parts[2] == "resolve":
                 self._resolve(("models", f"{parts[0]}/{parts[1]}"), "/".join(parts[4:]), head)
             else:

@@ -12,15 +12,14 @@ import json
 import random
 
 import pytest
+import tokenizers
+import transformers
 from conftest import FIXTURES, stdlib_texts
+from tokenizers.pre_tokenizers import ByteLevel
 
-from minicodeparrot import bpe_trainer
+from minicodeparrot import bpe_reference, bpe_trainer, unicode_tables
 from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
 from minicodeparrot.errors import UserError
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
 EOS = "<|endoftext|>"
 
@@ -120,6 +119,45 @@ def test_unicode17_letters_are_not_letters():
     expected = reference_book(texts, 300)
     assert ("a", "b") in expected[1] and ("ab", "\u00ea") not in expected[1]
     assert_same(expected, ours(texts, 300, initial_alphabet=BYTE_LEVEL_ALPHABET))
+
+
+def class_edge_texts(seed: int = 0) -> list[str]:
+    """Words made of the code points at both ends of every range of unicode_tables, and just outside.
+
+    These are where a `regex` release with other Unicode tables would disagree with the reference
+    (a letter new in Unicode 17 sits right after a range of Unicode 16 letters, and so on).
+    """
+    rng = random.Random(seed)
+    edges = set()
+    for table in (unicode_tables.LETTERS, unicode_tables.NUMBERS, unicode_tables.SPACES):
+        for a, b in table:
+            edges.update({a - 1, a, b, b + 1})
+    chars = [chr(c) for c in sorted(edges) if 0 <= c < 0x110000 and not 0xD800 <= c <= 0xDFFF]
+    texts = []
+    for _ in range(200):
+        parts = []
+        for c in rng.sample(chars, 40):
+            shape = rng.choice(["ab{}cd", "12{}34", "!{}?", " {}", "{}{}", "x {} y", "'{}s"])
+            parts.append(shape.format(c, c))
+            parts.append(rng.choice([" ", "", "\n", "  "]))
+        texts.append("".join(parts))
+    return texts
+
+
+def test_parity_on_unicode_class_edges():
+    texts = class_edge_texts()
+    expected = reference_book(texts, 1200)
+    assert len(expected[1]) > 900
+    assert_same(expected, ours(texts, 1200, initial_alphabet=BYTE_LEVEL_ALPHABET))
+
+
+def test_reference_trainer_gives_the_same_merges(code_texts):
+    # bpe_reference.py is the few-line version a reader starts with; the fast trainer must agree.
+    texts = code_texts[:3] + mixed_texts(30)
+    vocab, merges = bpe_reference.train(texts, 700)
+    fast = train_bpe(texts, 700, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False, num_workers=1)
+    assert len(merges) == 700 - 257
+    assert (fast.vocab, fast.merges) == (vocab, merges)
 
 
 @pytest.mark.parametrize("min_frequency", [2, 5])
@@ -264,9 +302,8 @@ def test_cli_train_tokenizer_on_py_files_and_shards(tmp_path, capsys, code_texts
           "--no-progress"])
     out = capsys.readouterr().out
     assert "vocab 600, 343 merges, 6 examples" in out and "skipped 1 .py files" in out
-    expected = train_bpe(code_texts[:6], 600, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False)
     saved = Tokenizer.from_pretrained(tmp_path / "a")
-    assert saved.vocab == expected.vocab and saved.merges == expected.merges
+    assert (saved.vocab, saved.merges) == reference_book(code_texts[:6], 600)
 
     shard = tmp_path / "data" / "file-000000000000.json.gz"
     shard.parent.mkdir()
@@ -276,8 +313,7 @@ def test_cli_train_tokenizer_on_py_files_and_shards(tmp_path, capsys, code_texts
     main(["train-tokenizer", "--dataset", str(shard.parent), "--n-examples", "3", "--vocab-size", "600",
           "--output", str(tmp_path / "b"), "--no-progress", "--num-workers", "1"])
     assert "3 examples" in capsys.readouterr().out
-    expected = train_bpe(code_texts[:3], 600, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False)
-    assert Tokenizer.from_pretrained(tmp_path / "b").merges == expected.merges
+    assert Tokenizer.from_pretrained(tmp_path / "b").merges == reference_book(code_texts[:3], 600)[1]
 
 
 def test_cli_train_tokenizer_errors(tmp_path, capsys):

@@ -17,7 +17,6 @@ from conftest import stdlib_texts
 from hubserver import HubServer, write_shards
 
 from minicodeparrot import hub
-from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
 from minicodeparrot.cli import main
 from minicodeparrot.tokenizer import Tokenizer
 
@@ -62,7 +61,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_train_tokenizer_from_the_hub_equals_local_shards(server: HubServer, shard_dir: Path, tmp_path: Path,
-                                                          capsys) -> None:
+                                                          gpt2_dir: Path, capsys) -> None:
     n = 12
     common = ["--n-examples", str(n), "--vocab-size", "400", "--num-workers", "1", "--no-progress"]
     for name, dataset in (("hub", REPO), ("local", str(shard_dir))):
@@ -74,11 +73,16 @@ def test_train_tokenizer_from_the_hub_equals_local_shards(server: HubServer, sha
         assert (tmp_path / "hub" / fname).read_bytes() == (tmp_path / "local" / fname).read_bytes()
     assert server.requests_to("/cdn/")  # it really streamed the shards over HTTP
     assert all(r[2].get("Authorization") == f"Bearer {TOKEN}" for r in server.requests_to("/api/"))
-    # ...and both are the tokenizer of exactly the first n texts, in order.
-    reference = train_bpe(TEXTS[:n], 400, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False,
-                          num_workers=1)
+    # ...and both are the reference trainer's tokenizer of exactly the first n texts, in order (the book's
+    # call: GPT-2's tokenizer retrained with the 256-symbol byte alphabet).
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    gpt2 = PreTrainedTokenizerFast(tokenizer_file=str(gpt2_dir / "tokenizer.json"))
+    reference = gpt2.train_new_from_iterator(TEXTS[:n], 400, initial_alphabet=ByteLevel.alphabet())
+    model = json.loads(reference.backend_tokenizer.to_str())["model"]
     trained = Tokenizer.from_pretrained(tmp_path / "hub")
-    assert trained.vocab == reference.vocab and trained.merges == reference.merges
+    assert trained.vocab == model["vocab"] and [list(m) for m in trained.merges] == model["merges"]
 
 
 def test_tokenize_dataset_prints_the_tokens_of_the_files(server: HubServer, shard_dir: Path, tmp_path: Path,

@@ -6,14 +6,18 @@ import json
 import random
 
 import pytest
+import regex
+import tokenizers
+import transformers
+from conftest import FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minicodeparrot import fast_split, parallel_encode, unicode_tables
 from minicodeparrot import tokenizer as tk
+from minicodeparrot.bpe_trainer import train_new_from_iterator
 from minicodeparrot.errors import UserError
 from minicodeparrot.tokenizer import Tokenizer, bytes_to_unicode, pre_tokenize, split_pieces
-
-tokenizers = pytest.importorskip("tokenizers")
 
 SAY_HELLO = 'def say_hello():\n    print("Hello, World!") # Print it\n\nsay_hello()\n'
 BOOK_PRE_TOKENS = [
@@ -115,22 +119,78 @@ def _probe(chars) -> str:
     return "".join(f"a{c}1{c}!{c} {c}'{c}" for c in chars)
 
 
-def test_code_point_classes_pinned_to_unicode_16():
-    """Every code point assigned in Unicode 17 (and its neighbours), all of 0..0x3000, and a sample."""
-    cps = set(range(0x3000))
-    for a, b in tk._NEW_IN_UNICODE_17:
-        cps.update(range(a - 3, b + 4))
-    cps.update(random.Random(0).sample(range(0x110000), 40_000))
-    chars = [chr(c) for c in sorted(cps) if not 0xD800 <= c <= 0xDFFF]
-    text = _probe(chars)
-    assert pre_tokenize(text) == REF_PRE.pre_tokenize_str(text)
+ALL_CODE_POINTS = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]  # surrogates are not text
+
+
+def _class_probes(run: int = 64) -> list[str]:
+    """Every code point, after a probe character of the class our tables give it, `run` at a time.
+
+    "a" + letters is one piece for the reference iff it calls every one of them a letter; likewise
+    "1" + numbers, "!" + the rest; spaces (25 code points) are probed one by one between letters.
+    As the four classes partition the code points, equal pieces for all probes mean equal classes.
+    """
+    head = {}
+    tables = unicode_tables.LETTERS, unicode_tables.NUMBERS, unicode_tables.SPACES
+    for table, h in zip(tables, "a1 ", strict=True):
+        for a, b in table:
+            head.update(dict.fromkeys(range(a, b + 1), h))
+    groups: dict[str, list[str]] = {"a": [], "1": [], "!": [], " ": []}
+    for cp in ALL_CODE_POINTS:
+        groups[head.get(cp, "!")].append(chr(cp))
+    probes = [f"x{c}y{c}{c}z {c}" for c in groups.pop(" ")]
+    for probe, chars in groups.items():
+        probes += [probe + "".join(chars[i : i + run]) for i in range(0, len(chars), run)]
+    return probes
+
+
+def test_every_code_point_in_the_reference_class():
+    """All 1,112,064 code points: pieces and offsets as the reference's pre-tokenizer, ids as its encode.
+
+    The probes are joined ("\n" between them ends any piece) into a few long texts; only a text
+    that differs is split up to name the first probe at fault.
+    """
+    ref = tokenizers.Tokenizer.from_file(str(FIXTURES / "tokenizer.json"))
+    ours = Tokenizer.from_pretrained(FIXTURES)
+    probes = _class_probes()
+
+    def same(text: str) -> bool:
+        pieces_same = pre_tokenize(text) == REF_PRE.pre_tokenize_str(text)
+        return pieces_same and ours.encode(text) == ref.encode(text).ids
+
+    n_space = sum(p.startswith("x") for p in probes)
+    assert n_space + sum(len(p) - 1 for p in probes if not p.startswith("x")) == len(ALL_CODE_POINTS)
+    for i in range(0, len(probes), 4096):
+        batch = probes[i : i + 4096]
+        text = "\n".join(batch)
+        if not same(text):
+            bad = next(p for p in batch if not same(p))
+            bad_cp = next(c for c in bad[1:] if not same(bad[0] + c))
+            pytest.fail(f"U+{ord(bad_cp):04X} is in a different class than in the reference (probe {bad!r})")
+
+
+def test_pattern_has_no_unicode_property_class():
+    # Only explicit escapes: \x, \u, \U code points and \t \n \r. No \p{..}, \s, \w, \d, whose meaning
+    # would come from the regex engine's own Unicode tables.
+    for pattern in (tk.SPLIT_PATTERN, fast_split.ASCII_PATTERN):
+        assert set(regex.findall(r"\\(.)", pattern)) <= {"x", "u", "U", "t", "n", "r"}
+    assert "\\p" in tk.GPT2_PATTERN  # (the check above can fail)
+    assert unicode_tables.REFERENCE == f"tokenizers {tokenizers.__version__}", (
+        "the installed reference differs from the one the tables were made from: "
+        "run scripts/make_unicode_tables.py (the sweep above says whether anything changed)")
+
+
+def test_any_regex_engine_gives_the_same_pieces():
+    text = _probe([chr(c) for c in range(0, 0x3000, 7)]) + "".join(ADVERSARIAL)
+    expected = split_pieces(text)
+    assert regex.compile(tk.SPLIT_PATTERN).findall(text) == expected
+    assert regex.compile(tk.SPLIT_PATTERN, regex.V1).findall(text) == expected
 
 
 def test_ascii_fast_path_equals_unicode_pattern():
-    # The `re` ASCII pattern must agree with the pinned `regex` pattern on every ASCII text.
+    # The `re` ASCII pattern must agree with the table pattern on every ASCII text.
     ascii_chars = [chr(c) for c in range(128)]
     text = _probe(ascii_chars) + "".join(random.Random(1).choices(ascii_chars, k=20_000))
-    assert tk._ASCII_RE.findall(text) == tk._PINNED_RE.findall(text)
+    assert fast_split.ASCII_RE.findall(text) == tk._SPLIT_RE.findall(text)
 
 
 # --- encode / decode parity ---------------------------------------------------------------------
@@ -204,7 +264,7 @@ def _cached(gpt2_dir):
 
 # --- batches ---------------------------------------------------------------------------------------
 def test_encode_batch_processes_keep_order(gpt2, small_stdlib_texts, monkeypatch):
-    monkeypatch.setattr(tk, "_PARALLEL_MIN_CHARS", 0)
+    monkeypatch.setattr(parallel_encode, "PARALLEL_MIN_CHARS", 0)
     texts = small_stdlib_texts[:40] + ["", "<|endoftext|>"]
     assert gpt2.encode_batch(texts, num_workers=2) == [gpt2.encode(t) for t in texts]
 
@@ -227,7 +287,6 @@ def test_load_formats_agree(gpt2_dir, gpt2, tmp_path):
 
 
 def test_save_pretrained_loads_in_reference_libraries(gpt2, tmp_path, small_stdlib_texts):
-    transformers = pytest.importorskip("transformers")
     out = gpt2.save_pretrained(tmp_path / "saved")
     files = {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"}
     assert {p.name for p in out.iterdir()} == files
@@ -292,11 +351,121 @@ def test_bad_inputs_raise_user_error(gpt2_dir, gpt2, tmp_path):
 
 
 # --- training hook ---------------------------------------------------------------------------------
-def test_train_new_from_iterator_delegates(gpt2, small_stdlib_texts):
-    pytest.importorskip("minicodeparrot.bpe_trainer")
-    new = gpt2.train_new_from_iterator(iter(small_stdlib_texts[:20]), vocab_size=400, show_progress=False)
+def test_train_new_from_iterator(gpt2, small_stdlib_texts):
+    new = train_new_from_iterator(gpt2, iter(small_stdlib_texts[:20]), vocab_size=400, show_progress=False)
     assert isinstance(new, Tokenizer) and len(new) == 400
     assert new.vocab["<|endoftext|>"] == 0 and new.eos_token_id == 0
     text = small_stdlib_texts[0]
     assert new.decode(new.encode(text)) == text
     assert len(new.encode(text)) < len(text)
+
+
+# --- the word cache ----------------------------------------------------------------------------------
+def test_word_cache_limit_never_changes_results(gpt2_dir, ref, small_stdlib_texts, monkeypatch):
+    # A handful of entries: nearly every text brings more new pieces than fit, next to pieces cached
+    # by the text before (this raised KeyError once, when the cache was cleared between the two).
+    monkeypatch.setattr(tk, "CACHE_LIMIT", 5)
+    tok = Tokenizer.from_pretrained(gpt2_dir)
+    rng = random.Random(3)
+    texts = small_stdlib_texts[:30] + ADVERSARIAL + ["def f(x):\n    return x", "x", "x y", "y z w v u t"]
+    rng.shuffle(texts)
+    for text in texts + texts[::-1]:
+        before = len(tok._cache)
+        assert tok.encode(text) == ref.encode(text).ids
+        # What the limit let stay, plus this text's pieces (and parts of pieces): bounded.
+        assert len(tok._cache) <= (before if before <= 5 else 0) + 2 * len(text)
+    assert tok.encode_with_offsets(texts[0])[0] == ref.encode(texts[0]).ids
+
+
+# --- offsets -------------------------------------------------------------------------------------------
+OFFSET_TEXTS = [
+    *ADVERSARIAL,
+    "naïve café, Ελληνικά, עברית ومرحبا, हिन्दी, ภาษาไทย, 日本語とカタカナ, 한국어",
+    "🐍🦜 👩‍👩‍👧‍👦 👍🏿 🇯🇵🇫🇷 🏴‍☠️ ⌚️ 1️⃣",
+    "e\u0301\u0302\u0303 a\u0308\u0323 o\u0338 Z\u0351\u0352\u0353\u0354 ก\u0e48\u0e49 ﷺ",
+    "簿羊抉吩骉瘇豿夓凶澥 𠀀𠀁𪛖 \U0010fffd\U000e0001\U000f0000",  # rare: tokens cut inside characters
+    "x€€€y €x x€ ‰‱ \u00ad\u200d\u2060",
+]
+
+
+def _small_tokenizer() -> Tokenizer:
+    # Few merges: most non-ASCII characters stay split into byte tokens, some merges join bytes of two
+    # characters, so token boundaries fall inside characters (the reference's offsets then widen).
+    from minicodeparrot.bpe_trainer import train_bpe
+
+    return train_bpe(OFFSET_TEXTS * 3, 420, initial_alphabet=sorted(bytes_to_unicode().values()),
+                     show_progress=False, num_workers=1)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "small"])
+def test_encode_with_offsets_matches_reference(gpt2, which, tmp_path):
+    tok = gpt2 if which == "gpt2" else _small_tokenizer()
+    rt = tokenizers.Tokenizer.from_file(str(tok.save_pretrained(tmp_path) / "tokenizer.json"))
+    for text in OFFSET_TEXTS:
+        enc = rt.encode(text)
+        ids, offsets = tok.encode_with_offsets(text)
+        assert (ids, offsets) == (enc.ids, enc.offsets), text
+        assert tok.convert_ids_to_tokens(ids) == enc.tokens
+        assert ids == tok.encode(text)
+    plain = "a<|endoftext|>b"
+    assert tok.encode_with_offsets(plain, parse_special=False)[0] == tok.encode(plain, parse_special=False)
+    assert tok.encode_with_offsets(plain) == (rt.encode(plain).ids, rt.encode(plain).offsets)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_property_offsets(gpt2_dir, text):
+    tok, ref = _cached(gpt2_dir)
+    enc = ref.encode(text)
+    assert tok.encode_with_offsets(text) == (enc.ids, enc.offsets)
+
+
+# --- module layout ---------------------------------------------------------------------------------
+def test_tokenizer_modules_import_no_cycle():
+    """The algorithm imports its helpers, never the other way round (imports inside functions count)."""
+    import ast
+    import importlib
+
+    names = ["tokenizer", "tokenizer_files", "fast_split", "parallel_encode", "unicode_tables", "bpe_trainer",
+             "bpe_reference", "tokenizer_report"]
+    graph = {}
+    for name in names:
+        tree = ast.parse(open(importlib.import_module(f"minicodeparrot.{name}").__file__).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minicodeparrot"):
+                deps.add(node.module.removeprefix("minicodeparrot").lstrip("."))
+                deps.update(a.name for a in node.names if node.module == "minicodeparrot")
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.removeprefix("minicodeparrot.") for a in node.names
+                            if a.name.startswith("minicodeparrot."))
+        graph[name] = deps & set(names)
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph[start])
+
+    assert [n for n in names if reaches(n, n, set())] == []
+    assert "bpe_trainer" not in graph["tokenizer"] and "tokenizer" in graph["bpe_trainer"]
+
+
+# --- cutting long pieces (piece_cuts.py) -------------------------------------------------------------
+CUT_ALPHABET = sorted(set("".join(OFFSET_TEXTS[-5:]) + "Привет мир中文字符日本語€ ") - set("\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(CUT_ALPHABET), max_size=40).map("".join))
+def test_property_cut_pieces_keep_reference_ids(gpt2_dir, tmp_path_factory, text):
+    # Both GPT-2 and a small vocab whose merges join bytes of neighbouring characters (so some
+    # positions between two characters are crossed by a token and must not be cut).
+    for tok, ref in _cut_pairs(gpt2_dir, tmp_path_factory):
+        assert tok.encode(text) == ref.encode(text).ids
+
+
+def _cut_pairs(gpt2_dir, tmp_path_factory):
+    if "cut" not in _CACHE:
+        small = _small_tokenizer()
+        path = small.save_pretrained(tmp_path_factory.mktemp("small")) / "tokenizer.json"
+        _CACHE["cut"] = [_cached(gpt2_dir), (small, tokenizers.Tokenizer.from_file(str(path)))]
+    for tok, _ in _CACHE["cut"]:
+        tok._cache.clear()  # every example cuts its pieces anew
+    return _CACHE["cut"]

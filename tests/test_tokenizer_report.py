@@ -7,7 +7,9 @@ import json
 import keyword
 
 import pytest
+import tokenizers
 
+from minicodeparrot.bpe_trainer import train_new_from_iterator
 from minicodeparrot.cli import main
 from minicodeparrot.tokenizer import Tokenizer
 from minicodeparrot.tokenizer_report import (
@@ -18,8 +20,6 @@ from minicodeparrot.tokenizer_report import (
     missing_keywords,
     sample_texts,
 )
-
-tokenizers = pytest.importorskip("tokenizers")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,7 @@ def test_report_parts_match_reference(gpt2, gpt2_dir, small_stdlib_texts):
 
 
 def test_trained_tokenizer_keeps_indentation_and_beats_gpt2(gpt2, small_stdlib_texts):
-    pytest.importorskip("minicodeparrot.bpe_trainer")
-    new = gpt2.train_new_from_iterator(small_stdlib_texts[:60], vocab_size=2000, show_progress=False)
+    new = train_new_from_iterator(gpt2, small_stdlib_texts[:60], vocab_size=2000, show_progress=False)
     rep = make_report(new, small_stdlib_texts[100:130], other=gpt2)
     assert "ĊĠĠĠ" in rep.snippet_tokens  # the book: a code tokenizer keeps the indentation whole
     assert rep.n_tokens < rep.other_tokens  # even a 2000-token code vocab beats GPT-2 on code
@@ -63,7 +62,6 @@ def test_sample_texts_sources(tmp_path):
     assert sample_texts(str(tmp_path / "pkg"), 10) == ["x = 1\n", "y = 2\n"]
     assert sample_texts(str(tmp_path / "pkg" / "b.py"), 10) == ["y = 2\n"]
     assert len(sample_texts(None, 3)) == 3  # the standard library
-    pytest.importorskip("minicodeparrot.shards")
     shard = tmp_path / "data.jsonl"
     records = "".join(json.dumps({"content": f"print({i})\n"}) + "\n" for i in range(5))
     shard.write_text(records, encoding="utf-8")
@@ -90,7 +88,11 @@ def test_cli_tokenize(gpt2_dir, tmp_path, capsys, monkeypatch):
     ["tokenizer-report", "no-such-dir"],
     ["tokenizer-report", "TOK", "--n", "0"],
 ])
-def test_cli_errors_exit_2(argv, gpt2_dir, capsys):
+def test_cli_errors_exit_2(argv, gpt2_dir, capsys, monkeypatch, tmp_path):
+    # "no-such-dir" could be a Hub repo id: never ask a real Hub here (tests/test_tokenizer_files.py does
+    # that against the loopback server).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     argv = [str(gpt2_dir) if a == "TOK" else a for a in argv]
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -108,3 +110,23 @@ def test_cli_tokenizer_report(gpt2_dir, tmp_path, capsys):
     assert "Python keywords missing from the vocab (6 of 35)" in out
     assert "first merges: [' t', ' a', 'he']" in out
     assert "sample: 1 texts, 580 characters, 260 tokens" in out and "(1.000x)" in out
+
+
+def test_cli_tokenize_json_diffs_clean_against_the_reference(gpt2_dir, tmp_path, capsys, monkeypatch):
+    """`tokenize --json`: one {"ids", "tokens", "offsets"} object per input, as the reference's Encoding."""
+    ref = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
+    texts = ["naïve café 🐍👩\u200d💻 e\u0301 日本語 Привет<|endoftext|>x\r\n", SNIPPET]
+
+    def golden(text: str) -> dict:
+        enc = ref.encode(text)
+        return {"ids": enc.ids, "tokens": enc.tokens, "offsets": [list(o) for o in enc.offsets]}
+
+    f = tmp_path / "in.txt"
+    f.write_bytes(texts[0].encode())
+    main(["tokenize", str(f), "--tokenizer", str(gpt2_dir), "--json"])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out) == golden(texts[0])
+    shard = tmp_path / "data.jsonl"
+    shard.write_text("".join(json.dumps({"content": t}) + "\n" for t in texts), encoding="utf-8")
+    main(["tokenize", "--dataset", str(shard), "--n", "2", "--tokenizer", str(gpt2_dir), "--json"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [golden(t) for t in texts]
