@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 
 # Below this many characters in total, texts are encoded in-process: starting worker processes
@@ -20,6 +21,12 @@ _encode: Encode | None = None
 
 
 def _init(encode: Encode) -> None:
+    # Forked workers inherit the parent's signal handlers. The trainer's SIGTERM handler only sets a
+    # "stop after this step" flag, so inherited, it makes Pool.terminate() (which sends SIGTERM) wait
+    # forever for a worker that will not stop. Workers take the default action instead, and leave
+    # Ctrl-C to the parent, which stops the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     global _encode
     _encode = encode
 

@@ -269,6 +269,31 @@ def test_encode_batch_processes_keep_order(gpt2, small_stdlib_texts, monkeypatch
     assert gpt2.encode_batch(texts, num_workers=2) == [gpt2.encode(t) for t in texts]
 
 
+def test_encode_batch_pool_ends_under_a_trainers_sigterm_handler(gpt2_dir):
+    """The trainer's SIGTERM handler only sets a flag; pool workers forked under it must still end when
+    the pool terminates them (they used to inherit it, and the first batch of training never came)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import signal, sysconfig, pathlib\n"
+        "from minicodeparrot.tokenizer import Tokenizer\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        f"tok = Tokenizer.from_pretrained({str(gpt2_dir)!r})\n"
+        "files = sorted(pathlib.Path(sysconfig.get_paths()['stdlib']).glob('*.py'))\n"
+        "texts = [f.read_text(errors='replace') for f in files][:60]\n"
+        "assert sum(map(len, texts)) > 1 << 20  # above the process-pool threshold\n"
+        "for _ in range(10):  # a pool per call, as packing starts one per buffer; the hang was a race\n"
+        "    assert len(tok.encode_batch(texts, num_workers=2)) == len(texts)\n"
+        "print('ok')\n"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("encode_batch hung: its pool workers kept the parent's SIGTERM handler")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 # --- loading and saving ----------------------------------------------------------------------------
 def test_load_formats_agree(gpt2_dir, gpt2, tmp_path):
     # vocab.json + merges.txt, and tokenizer.json with the old "a b" merge strings.
