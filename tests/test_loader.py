@@ -172,3 +172,12 @@ def test_batches_arrive_on_the_gpu(corpus, tok):
     with build_train_loader(corpus / "train", tok, num_workers=1, device="cuda", **TRAIN) as loader:
         batch = next(loader)
     assert batch.is_cuda and batch.dtype == torch.long
+
+
+def test_closing_keeps_an_endless_loaders_position(corpus, tok):
+    with build_train_loader(corpus / "train", tok, **TRAIN) as loader:
+        full = take(loader, 8)
+    loader = build_train_loader(corpus / "train", tok, **TRAIN)
+    head = take(loader, 3)
+    loader.close()
+    assert all(torch.equal(a, b) for a, b in zip(full, head + take(loader, 5), strict=True))
