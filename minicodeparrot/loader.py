@@ -14,8 +14,9 @@ the buffer's slot writes instead, and the consumer keeps an exact mirror of each
 (`data.PipelineMirror`, a few kB per batch).
 
 Workers are started with `spawn` (a fresh interpreter: nothing of the trainer's CUDA, threads or signal
-handlers is inherited), reset SIGTERM to its default and ignore SIGINT (the trainer handles both: Ctrl-C
-reaches the whole foreground process group), and die with the trainer (PR_SET_PDEATHSIG on Linux, a
+handlers is inherited), run in a session of their own (so the signals that torchrun and Ctrl-C send to the
+trainer's process group reach the trainer only, which finishes its step and checkpoints), reset SIGTERM to
+its default and ignore SIGINT, and die with the trainer (PR_SET_PDEATHSIG on Linux, a
 parent-pid watchdog elsewhere). A worker that fails or is killed ends the consumer's next wait with a
 one-line UserError naming the worker and the cause, and the other workers are stopped.
 """
@@ -76,6 +77,11 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _detach_from_trainer(parent_pid: int) -> None:
+    # A session of its own: torchrun stops a run by signalling each trainer's whole process group, and a
+    # worker in that group would die at once, maybe before the trainer has taken the batches of the step
+    # it finishes before checkpointing. Out of the group, the worker lives until the trainer closes it or
+    # dies; a signal sent to the worker itself still ends it (and the run, in one line).
+    os.setsid()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):

@@ -91,7 +91,7 @@ DEFAULTS: dict[str, Any] = dict(
     record_shuffle_buffer=10_000, sequence_shuffle_buffer=10_000, learning_rate=2e-4,
     lr_scheduler_type="cosine", num_warmup_steps=750, gradient_accumulation_steps=16, max_train_steps=50_000,
     max_eval_steps=-1, seq_length=1024, seed=1, save_checkpoint_steps=1024, keep_last=3, mixed_precision="no",
-    gradient_checkpointing=False, zero=False, data_workers=0, prefetch=2,
+    gradient_checkpointing=False, zero=False, data_workers=None, prefetch=4,
 )
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Longest key first: "H100 PCIe" before "H100".
@@ -112,6 +112,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if key not in given:
             setattr(args, key, preset.get(key, default))
     args.model_options = preset.get("model_options", {})
+    if args.data_workers is None:  # a GPU must never wait for tokenizing; a laptop has few cores to spare
+        args.data_workers = 2 if torch.cuda.is_available() else 0
     args.notes = []
     if args.log_dir is None:
         args.log_dir = str(Path(args.output_dir) / "log")

@@ -98,7 +98,7 @@ def test_cli_evaluate_loss_equals_transformers_on_hand_packed_blocks(tmp_path, g
     assert result["loss"] == pytest.approx(expected, rel=1e-5)
     assert result["perplexity"] == pytest.approx(float(torch.tensor(expected).exp()), rel=1e-5)
     assert f"loss {expected:.4f}" in printed
-    assert abs(loss_of_blocks([]) - expected) > 100 * 1e-5 * expected  # the check can tell packings apart
+    assert abs(loss_of_blocks([]) - expected) > 10 * 1e-5 * expected  # the check can tell packings apart
 
 
 def test_validation_shards_are_picked_out_of_a_corpus_directory(tmp_path):

@@ -312,21 +312,6 @@ def test_zero_gives_ddp_losses_and_resumes_exactly(work, tmp_path):
     assert r.returncode != 0 and "was saved with --zero and this run is without it" in r.stderr
 
 
-def test_ranks_read_disjoint_parts_of_the_stream(work):
-    from argparse import Namespace
-
-    from minicodeparrot.tokenizer import Tokenizer
-
-    args = Namespace(tokenized=False, dataset_name_train=str(work["train"]), seed=1, record_shuffle_buffer=8,
-                     sequence_shuffle_buffer=8, seq_length=32)
-    tok = Tokenizer.from_pretrained(work["tok"])
-    streams = [T.build_train_data(args, tok, rank, 2).dataset.dataset for rank in range(2)]  # ShardStreams
-    paths = [[r["path"] for r in stream] for stream in streams]
-    everything = [r["path"] for r in T.build_train_data(args, tok, 0, 1).dataset.dataset]
-    assert not set(paths[0]) & set(paths[1])
-    assert sorted(paths[0] + paths[1]) == sorted(everything)
-
-
 # --- whole runs ----------------------------------------------------------------------------------------
 def test_torchrun_two_ranks_learns(work, tmp_path):
     out = tmp_path / "ddp"
@@ -431,8 +416,10 @@ def test_torchrun_sigterm_checkpoints_every_rank_and_resumes(work, tmp_path):
     assert state["step"] == last_step and state["world_size"] == 2
     ranks = [torch.load(ckpt / f"rank_{r}.pt", weights_only=True) for r in range(2)]
     data = [r["data"] for r in ranks]  # each rank's own stream position and shuffle buffer
-    assert [d["source"]["yielded"] for d in data] == [last_step * 4 + 8] * 2  # batch 4, sequence buffer 8
-    assert not torch.equal(data[0]["buffer"], data[1]["buffer"])  # different files per rank
+    assert [d["rank"] for d in data] == [0, 1]
+    buffers = [d["pipelines"][0]["sequences"]["items"] for d in data]
+    assert buffers[0].dtype == torch.uint16 and buffers[0].shape == (8, 32)  # --sequence-shuffle-buffer 8
+    assert not torch.equal(buffers[0], buffers[1])  # different files per rank
     assert ranks[0]["rng"]["torch"].ne(ranks[1]["rng"]["torch"]).any()
     weights = torch.load(ckpt / "model.pt", weights_only=True)
     GPT(GPTConfig(vocab_size=weights["transformer.wte.weight"].shape[0], **TINY)).load_state_dict(weights)
@@ -549,7 +536,7 @@ def test_tokenized_shards_train(work, tmp_path):
     result = T.train(build_parser().parse_args(["train", *argv]))
     assert result["step"] == 4 and math.isfinite(result["eval_loss"])
     state = torch.load(tmp_path / "out" / "step_4" / "rank_0.pt", weights_only=True)
-    assert state["data"]["taken"] == 4 * 4  # 4 steps of 4 windows
+    assert state["data"]["pipelines"][0]["source"]["taken"] == 4 * 4  # 4 steps of 4 windows
 
 
 def test_tokenized_shards_from_another_tokenizer_are_a_one_line_error(work, tmp_path, capsys):
