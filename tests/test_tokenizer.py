@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -269,29 +270,35 @@ def test_encode_batch_processes_keep_order(gpt2, small_stdlib_texts, monkeypatch
     assert gpt2.encode_batch(texts, num_workers=2) == [gpt2.encode(t) for t in texts]
 
 
-def test_encode_batch_pool_ends_under_a_trainers_sigterm_handler(gpt2_dir):
-    """The trainer's SIGTERM handler only sets a flag; pool workers forked under it must still end when
-    the pool terminates them (they used to inherit it, and the first batch of training never came)."""
+_DISPOSITIONS = """
+import signal, sys
+from minicodeparrot import parallel_encode
+
+def dispositions(text, parse_special=True):  # stands in for Tokenizer.encode in a pool worker
+    return [signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN]
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer's: only sets a flag
+print(parallel_encode.encode_batch(dispositions, ["x" * (1 << 19)] * 4, num_workers=2))  # 2 MiB: a pool
+"""
+
+
+def test_encode_batch_workers_do_not_inherit_a_trainers_sigterm_handler(tmp_path):
+    """Inherited by the pool's forked workers, the trainer's flag-only SIGTERM handler made
+    Pool.terminate() (which stops them with SIGTERM) wait forever: the first batch of a codeparrot-small
+    run never came. Workers must take SIGTERM's default action and leave SIGINT to the parent."""
     import subprocess
     import sys
+    from pathlib import Path
 
-    program = (
-        "import signal, sysconfig, pathlib\n"
-        "from minicodeparrot.tokenizer import Tokenizer\n"
-        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
-        f"tok = Tokenizer.from_pretrained({str(gpt2_dir)!r})\n"
-        "files = sorted(pathlib.Path(sysconfig.get_paths()['stdlib']).glob('*.py'))\n"
-        "texts = [f.read_text(errors='replace') for f in files][:60]\n"
-        "assert sum(map(len, texts)) > 1 << 20  # above the process-pool threshold\n"
-        "for _ in range(10):  # a pool per call, as packing starts one per buffer; the hang was a race\n"
-        "    assert len(tok.encode_batch(texts, num_workers=2)) == len(texts)\n"
-        "print('ok')\n"
-    )
+    env = {**os.environ, "PYTHONPATH": str(Path(tk.__file__).parent.parent)}
     try:
-        r = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=90)
+        r = subprocess.run([sys.executable, "-c", _DISPOSITIONS], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("encode_batch hung: its pool workers kept the parent's SIGTERM handler")
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str([[True, True]] * 4)
 
 
 # --- loading and saving ----------------------------------------------------------------------------
