@@ -336,36 +336,97 @@ def test_torchrun_two_ranks_learns(work, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path):
-    common = ("--max-train-steps", "16", "--save-checkpoint-steps", "4", "--keep-last", "2")
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun's trainers run in sessions of their own, and their data
+    workers in theirs, so a process group or session would miss them)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_tree(root: int) -> list[int]:
+    """SIGKILL the run's whole process tree at once, as a crashed node would lose it."""
+    tree = _process_tree(root)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+@pytest.mark.parametrize("launcher,workers", [("one", 0), ("one", 1), ("one", 2), ("torchrun", 0),
+                                              ("torchrun", 1), ("torchrun", 2)])
+def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path, launcher, workers):
+    """Kill -9 the whole run (every process of its session) after a checkpoint; resuming gives the
+    uninterrupted run's losses bit for bit, with the data workers' pipelines restored exactly."""
+    cmd = [sys.executable, "-m", "minicodeparrot", "train"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "minicodeparrot", "train"]
+    common = ("--max-train-steps", "12", "--save-checkpoint-steps", "4", "--keep-last", "2",
+              "--max-eval-steps", "1", "--data-workers", str(workers))
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    # The uninterrupted reference and the run to be killed go side by side (one core each).
-    full = subprocess.Popen([sys.executable, "-m", "minicodeparrot", "train", *_args(work, ref, *common)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot", "train", *_args(work, cut, *common)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full = subprocess.run([*cmd, *_args(work, ref, *common)], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen([*cmd, *_args(work, cut, *common)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 200
     while not (cut / "step_4").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    tree = _kill_tree(proc.pid)
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert len(tree) >= 1 + workers * (2 if launcher == "torchrun" else 1)
+    time.sleep(1)
+    assert not [pid for pid in tree if _alive(pid)]  # nothing of the run outlived it
     resumed_from = max(int(p.name.split("_")[1]) for p in list_checkpoints(cut))
-    assert resumed_from < 16
-    again = subprocess.run([sys.executable, "-m", "minicodeparrot", "train",
-                            *_args(work, cut, *common, "--resume-from-checkpoint", "latest")],
-                           env=ENV, capture_output=True, text=True, timeout=240)
+    assert resumed_from < 12
+    again = subprocess.run([*cmd, *_args(work, cut, *common, "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {cut / f'step_{resumed_from}'}" in again.stderr
-    _, err = full.communicate(timeout=240)
-    assert full.returncode == 0, err[-3000:]
+    assert f"resumed from {cut / f'step_{resumed_from}'}" in again.stderr, again.stderr[-3000:]
 
     ref_loss, ref_eval = _metrics(ref)
     cut_loss, cut_eval = _metrics(cut)
-    for s in range(resumed_from + 1, 17):
+    for s in range(resumed_from + 1, 13):
         assert cut_loss[s] == ref_loss[s], s  # bitwise, not approx
     assert cut_eval == ref_eval
     assert (cut / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
-    assert [p.name for p in list_checkpoints(cut)] == ["step_12", "step_16"]  # --keep-last 2
+    assert [p.name for p in list_checkpoints(cut)] == ["step_8", "step_12"]  # --keep-last 2
+
+
+def test_resuming_with_other_data_workers_is_a_one_line_error(work, tmp_path):
+    cmd = [sys.executable, "-m", "minicodeparrot", "train"]
+    out = tmp_path / "w"
+    first = subprocess.run([*cmd, *_args(work, out, "--max-train-steps", "2", "--save-checkpoint-steps", "2",
+                                         "--max-eval-steps", "1", "--data-workers", "2")],
+                           env=ENV, capture_output=True, text=True, timeout=200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*cmd, *_args(work, out, "--max-train-steps", "4", "--max-eval-steps", "1",
+                                         "--data-workers", "1", "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=200)
+    errors = [line for line in again.stderr.splitlines() if "error" in line]
+    assert again.returncode == 2 and "Traceback" not in again.stderr and len(errors) == 1, again.stderr
+    assert "resume with --data-workers 2" in errors[0]
 
 
 def test_sigterm_checkpoints_and_exits_zero(work, tmp_path):
