@@ -192,7 +192,7 @@ def build_model(model_config: str, vocab_size: int, seq_length: int, eos_token_i
     return model if path.is_dir() else GPT(config)
 
 
-def wrap_model(raw_model: nn.Module, di: DistInfo, compile: bool) -> nn.Module:
+def wrap_model(raw_model: nn.Module, dist_info: DistInfo, compile: bool) -> nn.Module:
     """DDP first, then torch.compile: the order decides whether the gradient all-reduce overlaps backward.
 
     DDP all-reduces a bucket of gradients as soon as autograd has produced all of them. Compiled first and
@@ -205,7 +205,7 @@ def wrap_model(raw_model: nn.Module, di: DistInfo, compile: bool) -> nn.Module:
     if is_distributed():
         # gradient_as_bucket_view: the gradients live inside DDP's all-reduce buckets instead of being
         # copied into them, one copy instead of two (6 GB less per rank for the 1.5B model).
-        model = DDP(model, device_ids=[di.local_rank] if di.device.type == "cuda" else None,
+        model = DDP(model, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None,
                     gradient_as_bucket_view=True)
     return torch.compile(model) if compile else model
 
@@ -313,7 +313,7 @@ class Run:
     """Everything one training run holds, built by `set_up`."""
 
     args: argparse.Namespace
-    di: DistInfo
+    dist_info: DistInfo
     tokenizer: Any
     raw_model: nn.Module  # the GPT itself: checkpoints, evaluation, FLOP counts
     model: nn.Module  # what the step runs: raw_model inside DDP and/or torch.compile
@@ -336,7 +336,7 @@ def optimizer_step(run: Run) -> dict:
     the stop flag travel in one tensor, after one all-reduce. Deciding whether to skip the update needs the
     loss on the host, so this wait cannot move later; everything else stays queued on the device.
     """
-    args, di = run.args, run.di
+    args, dist_info = run.args, run.dist_info
     t0 = time.perf_counter()
     micro, data_wait = [], 0.0
     for _ in range(args.gradient_accumulation_steps):
@@ -346,11 +346,11 @@ def optimizer_step(run: Run) -> dict:
     loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler)
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), 1.0)
-    flag = torch.tensor(float(run.stop.requested), device=di.device)
+    flag = torch.tensor(float(run.stop.requested), device=dist_info.device)
     # Under DDP the gradients (so the grad norm) are already equal on every rank: only the loss needs a sum.
-    shared = all_reduce_sum(torch.stack([loss, flag, grad_norm.float() * di.world_size]))
+    shared = all_reduce_sum(torch.stack([loss, flag, grad_norm.float() * dist_info.world_size]))
     loss_sum, stop_sum, norm_sum = shared.tolist()
-    stats = {"loss": loss_sum / di.world_size, "grad_norm": norm_sum / di.world_size,
+    stats = {"loss": loss_sum / dist_info.world_size, "grad_norm": norm_sum / dist_info.world_size,
              "lr": run.scheduler.get_last_lr()[0], "stop": stop_sum > 0, "data_wait_s": data_wait}
     if math.isfinite(stats["loss"]):
         run.scaler.step(run.optimizer)
@@ -392,10 +392,10 @@ class MetricsLog:
 
     TENSORBOARD_NAMES = {"loss": "loss/train", "eval_loss": "loss/eval"}
 
-    def __init__(self, args: argparse.Namespace, di: DistInfo, start_step: int) -> None:
+    def __init__(self, args: argparse.Namespace, dist_info: DistInfo, start_step: int) -> None:
         self.writer = self.file = self.bar = None
         self.data_wait = self.wall = 0.0
-        if not di.is_main:
+        if not dist_info.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
 
@@ -514,14 +514,14 @@ def check_token_shards(spec, tokenizer) -> None:
 
 
 # --- the run ---------------------------------------------------------------------------------------------
-def set_up(args: argparse.Namespace, di: DistInfo) -> Run:
+def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
     """Build the model, optimizer, schedule and data; resume from a checkpoint if asked to."""
     from minicodeparrot.tokenizer import Tokenizer
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(args.log_dir), di.rank)
-    log.info("world size %d, device %s", di.world_size, di.device)
+    setup_logging(Path(args.log_dir), dist_info.rank)
+    log.info("world size %d, device %s", dist_info.world_size, dist_info.device)
     log.debug("args %s", json.dumps(plain_args(args)))
     for note in args.notes:
         log.info("%s", note)
@@ -537,44 +537,45 @@ def set_up(args: argparse.Namespace, di: DistInfo) -> Run:
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     # On a GPU the vocabulary is padded to a multiple of 64: the output projection's matmul then maps onto
     # whole tensor-core tiles (32768 already is one; GPT-2's 50257 is not).
+    pad_vocab = 64 if dist_info.device.type == "cuda" else 1
     raw_model = build_model(args.model_config, len(tokenizer), args.seq_length, tokenizer.eos_token_id,
-                            pad_vocab=64 if di.device.type == "cuda" else 1, model_options=args.model_options)
+                            pad_vocab=pad_vocab, model_options=args.model_options)
     raw_model.gradient_checkpointing = args.gradient_checkpointing
-    raw_model.to(di.device)
-    torch.manual_seed(args.seed + di.rank)  # but different dropout masks per rank
-    if args.zero and di.world_size == 1:
+    raw_model.to(dist_info.device)
+    torch.manual_seed(args.seed + dist_info.rank)  # but different dropout masks per rank
+    if args.zero and dist_info.world_size == 1:
         log.info("--zero has nothing to shard in a single process: plain AdamW")
     optimizer = make_optimizer(raw_model, args.learning_rate, args.weight_decay,
-                               fused=di.device.type == "cuda", zero=args.zero)
+                               fused=dist_info.device.type == "cuda", zero=args.zero)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     run = Run(
-        args=args, di=di, tokenizer=tokenizer, raw_model=raw_model,
-        model=wrap_model(raw_model, di, args.compile), optimizer=optimizer,
+        args=args, dist_info=dist_info, tokenizer=tokenizer, raw_model=raw_model,
+        model=wrap_model(raw_model, dist_info, args.compile), optimizer=optimizer,
         scheduler=make_scheduler(optimizer, args.num_warmup_steps, args.max_train_steps,
                                  args.lr_scheduler_type),
-        scaler=torch.amp.GradScaler(di.device.type, enabled=args.mixed_precision == "fp16"),
-        autocast=torch.autocast(di.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        scaler=torch.amp.GradScaler(dist_info.device.type, enabled=args.mixed_precision == "fp16"),
+        autocast=torch.autocast(dist_info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
         train_data=build_train_loader(
             args.dataset_name_train, tokenizer, seq_length=args.seq_length, seed=args.seed,
             batch_size=args.train_batch_size, record_shuffle_buffer=args.record_shuffle_buffer,
-            sequence_shuffle_buffer=args.sequence_shuffle_buffer, tokenized=args.tokenized, rank=di.rank,
-            world_size=di.world_size, num_workers=args.data_workers, prefetch=args.prefetch,
-            device=di.device),
+            sequence_shuffle_buffer=args.sequence_shuffle_buffer, tokenized=args.tokenized,
+            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.data_workers,
+            prefetch=args.prefetch, device=dist_info.device),
         metrics=None, stop=StopRequest())
     if args.resume_from_checkpoint:
         path = resolve_resume(args.resume_from_checkpoint, output_dir)
         if path is None:
             log.info("no checkpoint in %s yet: starting from step 0", output_dir)
         else:
-            state = load_checkpoint(path, raw_model, optimizer, run.scheduler, run.scaler, di.rank,
-                                    di.world_size)
+            state = load_checkpoint(path, raw_model, optimizer, run.scheduler, run.scaler, dist_info.rank,
+                                    dist_info.world_size)
             run.step = state["step"]
             run.train_data.load_state_dict(state["rank_state"]["data"])
             set_rng_state(state["rank_state"]["rng"])
             log.info("resumed from %s at step %d", path, run.step)
     run.batches = first_batch_logged(iter(run.train_data))
-    run.metrics = MetricsLog(args, di, run.step)
-    if di.is_main:
+    run.metrics = MetricsLog(args, dist_info, run.step)
+    if dist_info.is_main:
         (output_dir / "train_args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
         log.info("model: %.1fM parameters, %.3g FLOPs/token; %d tokens per optimizer step",
                  raw_model.num_parameters() / 1e6, raw_model.estimate_flops_per_token(args.seq_length),
@@ -584,15 +585,16 @@ def set_up(args: argparse.Namespace, di: DistInfo) -> Run:
 
 def tokens_per_step(run: Run) -> int:
     a = run.args
-    return a.train_batch_size * a.gradient_accumulation_steps * run.di.world_size * a.seq_length
+    return a.train_batch_size * a.gradient_accumulation_steps * run.dist_info.world_size * a.seq_length
 
 
 def evaluate(run: Run) -> dict:
     """Validation loss and perplexity over this rank's share of the validation set, summed over ranks."""
-    args, di = run.args, run.di
-    loader = build_valid_loader(args.dataset_name_valid, run.tokenizer, seq_length=args.seq_length,
-                                batch_size=args.valid_batch_size, tokenized=args.tokenized, rank=di.rank,
-                                world_size=di.world_size, num_workers=args.data_workers, device=di.device)
+    args, dist_info = run.args, run.dist_info
+    loader = build_valid_loader(
+        args.dataset_name_valid, run.tokenizer, seq_length=args.seq_length, batch_size=args.valid_batch_size,
+        tokenized=args.tokenized, rank=dist_info.rank, world_size=dist_info.world_size,
+        num_workers=args.data_workers, device=dist_info.device)
     with loader:
         result = evaluate_loss(run.raw_model, loader, args.max_eval_steps, run.autocast)
     log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
@@ -604,7 +606,7 @@ def save(run: Run) -> None:
     rank_state = {"rng": rng_state(), "data": run.train_data.state_dict()}
     path = write_checkpoint(Path(run.args.output_dir), run.step, run.raw_model, run.optimizer, run.scheduler,
                             run.scaler, rank_state, {"args": plain_args(run.args)}, run.args.keep_last,
-                            run.di.rank, run.di.world_size)
+                            run.dist_info.rank, run.dist_info.world_size)
     log.info("saved checkpoint %s", path)
 
 
@@ -613,10 +615,10 @@ def train(args: argparse.Namespace) -> dict:
     args = resolve_args(args)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    di = setup_distributed()
+    dist_info = setup_distributed()
     run = None
     try:
-        run = set_up(args, di)
+        run = set_up(args, dist_info)
         return train_loop(run)
     finally:
         if run is not None:
@@ -630,7 +632,7 @@ def train(args: argparse.Namespace) -> dict:
 def train_loop(run: Run) -> dict:
     args = run.args
     flops_per_token = run.raw_model.estimate_flops_per_token(args.seq_length)
-    peak = peak_flops(run.di.device)
+    peak = peak_flops(run.dist_info.device)
     result: dict = {"step": run.step}
     run.model.train()
     while run.step < args.max_train_steps:
@@ -649,9 +651,9 @@ def train_loop(run: Run) -> dict:
                    "tokens_per_s": tokens_per_s, "data_wait_s": stats["data_wait_s"],
                    "step_s": stats["seconds"],
                    "samples": run.step * args.train_batch_size * args.gradient_accumulation_steps
-                   * run.di.world_size}
+                   * run.dist_info.world_size}
         if peak:
-            metrics["mfu"] = flops_per_token * tokens_per_s / (peak * run.di.world_size)
+            metrics["mfu"] = flops_per_token * tokens_per_s / (peak * run.dist_info.world_size)
         run.metrics.log_metrics(run.step, metrics)
         result.update(step=run.step, loss=stats["loss"])
 
@@ -669,7 +671,7 @@ def train_loop(run: Run) -> dict:
 
     if "eval_loss" not in result:  # resumed at the end: nothing left to train
         result.update(evaluate(run))
-    if run.di.is_main:
+    if run.dist_info.is_main:
         run.raw_model.save_pretrained(args.output_dir)
         run.tokenizer.save_pretrained(args.output_dir)
         log.info("saved the final model and tokenizer to %s", args.output_dir)
