@@ -54,15 +54,19 @@ Two deliberate differences, both outside what real training hits:
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
 import multiprocessing
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from minicodeparrot import shards
 from minicodeparrot.errors import UserError
 from minicodeparrot.tokenizer import Tokenizer, bytes_to_unicode, split_pieces
 
@@ -303,3 +307,52 @@ def train_new_from_iterator(
     alphabet = sorted(set(BYTE_LEVEL_ALPHABET) | set(initial_alphabet or ()))
     return train_bpe(iterator, vocab_size, special_tokens=tuple(base.special_tokens),
                      min_frequency=min_frequency, initial_alphabet=alphabet, show_progress=show_progress)
+
+
+# --- the train-tokenizer command ----------------------------------------------------------------
+def _training_texts(specs: list[str], n: int | None, text_field: str, stats: dict):
+    """Texts of the datasets in order, at most n; plain .py files (or dirs of them) are read as-is."""
+    for spec in specs:
+        path = Path(spec).expanduser()
+        py_files = None
+        if path.is_file() and path.suffix == ".py":
+            py_files = [path]
+        elif path.is_dir() and not any(shards.is_data_file(p.name) for p in path.rglob("*")):
+            py_files = sorted(p for p in path.rglob("*.py") if p.is_file())
+        if py_files is not None:
+            texts = _read_py_files(py_files, stats)
+        else:
+            texts = shards.iter_texts(spec, text_field=text_field)
+        for text in texts:
+            if n is not None and stats["examples"] >= n:
+                return
+            stats["examples"] += 1
+            stats["chars"] += len(text) if isinstance(text, str) else 0
+            yield text
+
+
+def _read_py_files(files: list, stats: dict):
+    for f in files:
+        try:
+            yield f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            stats["skipped"] += 1  # reported at the end: nothing is dropped silently
+
+
+def train_tokenizer_command(args: argparse.Namespace) -> None:
+    """`minicodeparrot train-tokenizer`: train on datasets or .py files, save, report what was read."""
+    if args.n_examples is not None and args.n_examples < 1:
+        raise UserError(f"--n-examples must be at least 1, got {args.n_examples}")
+    t0 = time.perf_counter()
+    stats = {"examples": 0, "chars": 0, "skipped": 0}
+    texts = _training_texts(args.dataset, args.n_examples, args.text_field, stats)
+    tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency,
+                    initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=not args.no_progress,
+                    num_workers=args.num_workers)
+    if stats["examples"] == 0:
+        raise UserError(f"no examples found in {' '.join(args.dataset)}; check --dataset and --text-field")
+    tok.save_pretrained(args.output)
+    skipped = f", skipped {stats['skipped']} .py files that are not UTF-8" if stats["skipped"] else ""
+    seconds = time.perf_counter() - t0
+    print(f"trained tokenizer: vocab {len(tok)}, {len(tok.merges)} merges, {stats['examples']} examples "
+          f"({stats['chars'] / 1e6:.1f}M chars) in {seconds:.1f} s{skipped} -> {args.output}")

@@ -30,59 +30,10 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train_tokenizer)
 
 
-def _training_texts(specs: list[str], n: int | None, text_field: str, stats: dict):
-    """Texts of the datasets in order, at most n; plain .py files (or dirs of them) are read as-is."""
-    from pathlib import Path
-
-    from minicodeparrot import shards
-
-    for spec in specs:
-        path = Path(spec).expanduser()
-        py_files = None
-        if path.is_file() and path.suffix == ".py":
-            py_files = [path]
-        elif path.is_dir() and not any(shards.is_data_file(p.name) for p in path.rglob("*")):
-            py_files = sorted(p for p in path.rglob("*.py") if p.is_file())
-        if py_files is not None:
-            texts = _read_py_files(py_files, stats)
-        else:
-            texts = shards.iter_texts(spec, text_field=text_field)
-        for text in texts:
-            if n is not None and stats["examples"] >= n:
-                return
-            stats["examples"] += 1
-            stats["chars"] += len(text) if isinstance(text, str) else 0
-            yield text
-
-
-def _read_py_files(files: list, stats: dict):
-    for f in files:
-        try:
-            yield f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            stats["skipped"] += 1  # reported at the end: nothing is dropped silently
-
-
 def _train_tokenizer(args: argparse.Namespace) -> None:
-    import time
+    from minicodeparrot.bpe_trainer import train_tokenizer_command
 
-    from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
-
-    if args.n_examples is not None and args.n_examples < 1:
-        raise UserError(f"--n-examples must be at least 1, got {args.n_examples}")
-    t0 = time.perf_counter()
-    stats = {"examples": 0, "chars": 0, "skipped": 0}
-    texts = _training_texts(args.dataset, args.n_examples, args.text_field, stats)
-    tok = train_bpe(texts, args.vocab_size, min_frequency=args.min_frequency,
-                    initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=not args.no_progress,
-                    num_workers=args.num_workers)
-    if stats["examples"] == 0:
-        raise UserError(f"no examples found in {' '.join(args.dataset)}; check --dataset and --text-field")
-    tok.save_pretrained(args.output)
-    skipped = f", skipped {stats['skipped']} .py files that are not UTF-8" if stats["skipped"] else ""
-    seconds = time.perf_counter() - t0
-    print(f"trained tokenizer: vocab {len(tok)}, {len(tok.merges)} merges, {stats['examples']} examples "
-          f"({stats['chars'] / 1e6:.1f}M chars) in {seconds:.1f} s{skipped} -> {args.output}")
+    train_tokenizer_command(args)
 
 
 def _add_tokenize(sub: argparse._SubParsersAction) -> None:
@@ -110,50 +61,9 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
-    from minicodeparrot.tokenizer import Tokenizer
+    from minicodeparrot.tokenizer_report import tokenize_command
 
-    tok = Tokenizer.from_pretrained(args.tokenizer)
-    if args.dataset is not None:
-        _tokenize_dataset(tok, args)
-        return
-    if args.file in (None, "-"):
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(args.file, encoding="utf-8", newline="") as f:  # keep \r\n: it is tokenized too
-                text = f.read()
-        except FileNotFoundError:
-            raise UserError(f"{args.file} does not exist; pass a text file or '-' for stdin") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{args.file} is not UTF-8 text; convert it first") from None
-    _print_tokens(tok, text, args)
-
-
-def _print_tokens(tok, text: str, args: argparse.Namespace) -> None:
-    if args.json:
-        import json
-
-        ids, offsets = tok.encode_with_offsets(text, parse_special=not args.no_special)
-        record = {"ids": ids, "tokens": tok.convert_ids_to_tokens(ids), "offsets": [list(o) for o in offsets]}
-        print(json.dumps(record, ensure_ascii=False))
-        return
-    ids = tok.encode(text, parse_special=not args.no_special)
-    print(ids if args.ids else tok.convert_ids_to_tokens(ids))
-
-
-def _tokenize_dataset(tok, args: argparse.Namespace) -> None:
-    from minicodeparrot.shards import iter_texts
-
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
-    count = 0
-    for text in iter_texts(args.dataset, n=args.n, text_field=args.text_field):
-        _print_tokens(tok, text, args)
-        count += 1
-    if count == 0:
-        raise UserError(f"no records with a {args.text_field!r} field in {args.dataset}; check --text-field")
-    if count < args.n:
-        print(f"tokenize: {args.dataset} has only {count} records (asked for --n {args.n})", file=sys.stderr)
+    tokenize_command(args)
 
 
 def _add_tokenizer_report(sub: argparse._SubParsersAction) -> None:
@@ -173,15 +83,9 @@ def _add_tokenizer_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _tokenizer_report(args: argparse.Namespace) -> None:
-    from minicodeparrot.tokenizer import Tokenizer
-    from minicodeparrot.tokenizer_report import format_report, make_report, sample_texts
+    from minicodeparrot.tokenizer_report import tokenizer_report_command
 
-    if args.n < 1 or args.top < 1:
-        raise UserError("--n and --top must be at least 1")
-    tok = Tokenizer.from_pretrained(args.tokenizer)
-    other = Tokenizer.from_pretrained(args.compare_with) if args.compare_with else None
-    texts = sample_texts(args.dataset, args.n)
-    print(format_report(make_report(tok, texts, other, other_name=args.compare_with or "", k=args.top)))
+    tokenizer_report_command(args)
 
 
 # --- data commands (issue: data) ---------------------------------------------------------------

@@ -10,12 +10,16 @@ to size packing buffers), and how many tokens the same code costs compared with 
 
 from __future__ import annotations
 
+import argparse
+import json
 import keyword
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicodeparrot.errors import UserError
+from minicodeparrot.shards import iter_texts
 from minicodeparrot.tokenizer import Tokenizer
 
 SNIPPET = 'def say_hello():\n    print("Hello, World!") # Print it\n\nsay_hello()\n'
@@ -79,10 +83,6 @@ def sample_texts(spec: str | None, n: int) -> list[str]:
         has_data = any(p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) for p in path.rglob("*"))
         if files and not has_data:
             return _read_py(files, n)
-    try:
-        from minicodeparrot.shards import iter_texts
-    except ImportError:
-        raise UserError(f"cannot read {spec!r}: pass a .py file or a directory of .py files") from None
     return list(iter_texts(spec, n=n))
 
 
@@ -145,3 +145,56 @@ def format_report(rep: Report) -> str:
                 f"({rep.n_tokens / rep.other_tokens:.3f}x)"
             )
     return "\n".join(lines + rep.notes)
+
+
+# --- the tokenize and tokenizer-report commands ---------------------------------------------------
+def tokenize_command(args: argparse.Namespace) -> None:
+    """`minicodeparrot tokenize`: tokens, ids or JSON of a file, stdin or dataset records."""
+    tok = Tokenizer.from_pretrained(args.tokenizer)
+    if args.dataset is not None:
+        _tokenize_dataset(tok, args)
+        return
+    if args.file in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8", newline="") as f:  # keep \r\n: it is tokenized too
+                text = f.read()
+        except FileNotFoundError:
+            raise UserError(f"{args.file} does not exist; pass a text file or '-' for stdin") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{args.file} is not UTF-8 text; convert it first") from None
+    _print_tokens(tok, text, args)
+
+
+def _print_tokens(tok, text: str, args: argparse.Namespace) -> None:
+    if args.json:
+        ids, offsets = tok.encode_with_offsets(text, parse_special=not args.no_special)
+        record = {"ids": ids, "tokens": tok.convert_ids_to_tokens(ids), "offsets": [list(o) for o in offsets]}
+        print(json.dumps(record, ensure_ascii=False))
+        return
+    ids = tok.encode(text, parse_special=not args.no_special)
+    print(ids if args.ids else tok.convert_ids_to_tokens(ids))
+
+
+def _tokenize_dataset(tok, args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    count = 0
+    for text in iter_texts(args.dataset, n=args.n, text_field=args.text_field):
+        _print_tokens(tok, text, args)
+        count += 1
+    if count == 0:
+        raise UserError(f"no records with a {args.text_field!r} field in {args.dataset}; check --text-field")
+    if count < args.n:
+        print(f"tokenize: {args.dataset} has only {count} records (asked for --n {args.n})", file=sys.stderr)
+
+
+def tokenizer_report_command(args: argparse.Namespace) -> None:
+    """`minicodeparrot tokenizer-report`: the book's analysis of a tokenizer, printed."""
+    if args.n < 1 or args.top < 1:
+        raise UserError("--n and --top must be at least 1")
+    tok = Tokenizer.from_pretrained(args.tokenizer)
+    other = Tokenizer.from_pretrained(args.compare_with) if args.compare_with else None
+    texts = sample_texts(args.dataset, args.n)
+    print(format_report(make_report(tok, texts, other, other_name=args.compare_with or "", k=args.top)))
