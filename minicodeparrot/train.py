@@ -56,6 +56,7 @@ from minicodeparrot.checkpoint import save_checkpoint as write_checkpoint
 from minicodeparrot.dist import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     is_distributed,
     setup_distributed,
     teardown_distributed,
@@ -525,11 +526,13 @@ def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
     log.debug("args %s", json.dumps(plain_args(args)))
     for note in args.notes:
         log.info("%s", note)
+    # fp32 matmuls (the parts autocast leaves in fp32) on TF32 tensor cores: 10-bit mantissas are plenty
+    # for training and several times faster on A100/H100; CPU runs are unaffected.
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    if args.tokenized:
+    if args.tokenized:  # before anything is built: a mismatch is found in seconds, not at step 1
         for spec in (args.dataset_name_train, args.dataset_name_valid):
             check_token_shards(spec, tokenizer)
     random.seed(args.seed)
@@ -541,12 +544,16 @@ def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
     raw_model = build_model(args.model_config, len(tokenizer), args.seq_length, tokenizer.eos_token_id,
                             pad_vocab=pad_vocab, model_options=args.model_options)
     raw_model.gradient_checkpointing = args.gradient_checkpointing
+    # On the device before the optimizer exists: fused AdamW and ZeRO's partitions take the parameters'
+    # device as it is when they are built.
     raw_model.to(dist_info.device)
     torch.manual_seed(args.seed + dist_info.rank)  # but different dropout masks per rank
     if args.zero and dist_info.world_size == 1:
         log.info("--zero has nothing to shard in a single process: plain AdamW")
     optimizer = make_optimizer(raw_model, args.learning_rate, args.weight_decay,
                                fused=dist_info.device.type == "cuda", zero=args.zero)
+    # bf16 keeps fp32's exponent range, so gradients cannot underflow and need no scaling; fp16 does,
+    # hence the GradScaler (disabled, and a no-op, unless --mixed-precision fp16).
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     run = Run(
         args=args, dist_info=dist_info, tokenizer=tokenizer, raw_model=raw_model,
@@ -571,6 +578,8 @@ def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
                                     dist_info.world_size)
             run.step = state["step"]
             run.train_data.load_state_dict(state["rank_state"]["data"])
+            # Last: building the model and the data above drew random numbers; the restored generators
+            # must continue exactly where the interrupted run's stood after its checkpoint.
             set_rng_state(state["rank_state"]["rng"])
             log.info("resumed from %s at step %d", path, run.step)
     run.batches = first_batch_logged(iter(run.train_data))
@@ -595,6 +604,9 @@ def evaluate(run: Run) -> dict:
         args.dataset_name_valid, run.tokenizer, seq_length=args.seq_length, batch_size=args.valid_batch_size,
         tokenized=args.tokenized, rank=dist_info.rank, world_size=dist_info.world_size,
         num_workers=args.data_workers, device=dist_info.device)
+    # The unwrapped model: DDP's forward would prepare a gradient all-reduce that never comes, and every
+    # rank holds the same weights anyway. Ranks may get different numbers of batches; evaluate_loss sums
+    # loss and token counts over ranks, so the result is the exact mean over all validation tokens.
     with loader:
         result = evaluate_loss(run.raw_model, loader, args.max_eval_steps, run.autocast)
     log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
@@ -657,6 +669,8 @@ def train_loop(run: Run) -> dict:
         run.metrics.log_metrics(run.step, metrics)
         result.update(step=run.step, loss=stats["loss"])
 
+        # The stop flag came through the step's all-reduce, so every rank sees it after the same step and
+        # all of them take part in the checkpoint's barriers.
         last = run.step == args.max_train_steps
         if run.step % args.save_checkpoint_steps == 0 or last:
             result.update(evaluate(run))
@@ -677,4 +691,5 @@ def train_loop(run: Run) -> dict:
         log.info("saved the final model and tokenizer to %s", args.output_dir)
         run.metrics.close({k: v for k, v in plain_args(args).items() if v is not None},
                           {"eval_loss": result["eval_loss"]})
+    barrier()  # the other ranks wait for rank 0's files, so "the run ended" means they are complete
     return result
