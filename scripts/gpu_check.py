@@ -239,7 +239,7 @@ def section_resume(out: Path) -> None:
         if flag not in missing:
             train_args += [flag, value]
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-                "minicodeparrot.train"]
+                "minicodeparrot", "train"]
     ref, cut = work / "ref", work / "cut"
     for d in (ref, cut):  # a rerun starts both runs afresh (corpus and tokenizer are kept)
         shutil.rmtree(d, ignore_errors=True)
@@ -253,11 +253,11 @@ def section_resume(out: Path) -> None:
     log.flush()
     proc = subprocess.Popen([*torchrun, *train_args, "--output-dir", str(cut)], stdout=log,
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    (out / "resume.pgid").write_text(str(proc.pid))  # the driver kills this group too if we time out
+    (out / "resume.pgid").write_text(str(proc.pid))  # the driver kills this tree too if we time out
     deadline = time.time() + LIMITS["resume"][1 if SMOKE else 0]
     while not (cut / f"step_{every}").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # torchrun's trainer and its data workers live in sessions of their own
     proc.wait()
     done = _metrics(cut / "metrics.jsonl") if (cut / "metrics.jsonl").is_file() else {}
     result["killed_after_step"] = max(done, default=0)
@@ -359,6 +359,26 @@ SECTIONS = {"parity": section_parity, "throughput": section_throughput, "resume"
 
 
 # --- the driver ----------------------------------------------------------------------------------------
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and every process below it. A process group is not enough: torchrun starts each
+    trainer in a session of its own, and the trainer's data workers are in theirs."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_section(name: str, out: Path) -> dict:
     limit = LIMITS[name][1 if SMOKE else 0]
     (out / f"{name}.json").unlink(missing_ok=True)
@@ -370,15 +390,12 @@ def run_section(name: str, out: Path) -> dict:
             rc = proc.wait(timeout=limit)
             status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the section and whatever it started (torchrun, workers)
+            kill_tree(proc.pid)  # the section and whatever it started (torchrun, trainers, data workers)
             proc.wait()
             status, rc = "timeout", None
     pgid_file = out / f"{name}.pgid"  # a process group the section started apart from its own
     if pgid_file.is_file():
-        try:
-            os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(int(pgid_file.read_text()))
         pgid_file.unlink()
     entry = {"status": status, "seconds": round(time.time() - t0, 1), "limit_s": limit, "returncode": rc}
     if (out / f"{name}.json").is_file():
