@@ -82,6 +82,9 @@ def _detach_from_trainer(parent_pid: int) -> None:
     # it finishes before checkpointing. Out of the group, the worker lives until the trainer closes it or
     # dies; a signal sent to the worker itself still ends it (and the run, in one line).
     os.setsid()
+    # Lower priority: when the trainer wakes up for its next batch it must get a core at once, not queue
+    # behind workers that are tokenizing ahead (they have prefetched batches to spare).
+    os.nice(10)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
