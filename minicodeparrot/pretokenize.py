@@ -211,6 +211,17 @@ def _shard_paths(spec: str | Path | list) -> list[Path]:
     raise UserError(f"token shards {path} not found; pass the --output of `minicodeparrot pretokenize`")
 
 
+def check_token_shards(spec: str | Path | list, vocab_size: int) -> None:
+    """Shards to train on must come from this tokenizer: a larger id would crash the embedding lookup (on
+    CUDA as an opaque device-side assert), a different tokenizer would train on nonsense."""
+    for path in _shard_paths(spec):
+        vocab = read_header(path)[2]
+        if vocab != vocab_size:
+            raise UserError(f"{path} was tokenized with a vocabulary of {vocab} tokens but --tokenizer has "
+                            f"{vocab_size}; pass the tokenizer it was made with, or run "
+                            "`minicodeparrot pretokenize` again with this one")
+
+
 class TokenShardDataset(IterableDataset):
     """`LongTensor(seq_length)` windows from pretokenized shards, for DDP ranks and DataLoader workers.
 

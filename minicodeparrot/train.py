@@ -64,6 +64,7 @@ from minicodeparrot.dist import (
 from minicodeparrot.errors import UserError
 from minicodeparrot.evaluate import evaluate_loss
 from minicodeparrot.loader import build_train_loader, build_valid_loader
+from minicodeparrot.pretokenize import check_token_shards
 
 log = logging.getLogger("minicodeparrot.train")
 
@@ -429,6 +430,7 @@ class MetricsLog:
         for thing in (self.bar, self.writer, self.file):
             if thing is not None:
                 thing.close()
+        self.bar = self.writer = self.file = None  # closing twice (end of run, then `finally`) is harmless
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -501,19 +503,6 @@ def first_batch_logged(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor
     yield from batches
 
 
-def check_token_shards(spec, tokenizer) -> None:
-    """Pretokenized shards must come from this tokenizer: a larger id would crash the embedding lookup
-    (on CUDA as an opaque device-side assert), a different tokenizer would train on nonsense."""
-    from minicodeparrot.pretokenize import _shard_paths, read_header
-
-    for path in _shard_paths(spec):
-        vocab = read_header(path)[2]
-        if vocab != len(tokenizer):
-            raise UserError(f"{path} was tokenized with a vocabulary of {vocab} tokens but --tokenizer has "
-                            f"{len(tokenizer)}; pass the tokenizer it was made with, or run "
-                            "`minicodeparrot pretokenize` again with this one")
-
-
 # --- the run ---------------------------------------------------------------------------------------------
 def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
     """Build the model, optimizer, schedule and data; resume from a checkpoint if asked to."""
@@ -534,7 +523,7 @@ def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     if args.tokenized:  # before anything is built: a mismatch is found in seconds, not at step 1
         for spec in (args.dataset_name_train, args.dataset_name_valid):
-            check_token_shards(spec, tokenizer)
+            check_token_shards(spec, len(tokenizer))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
