@@ -31,7 +31,7 @@ def _add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
-    from minicodeparrot.bpe_trainer import train_tokenizer_command
+    from minicodeparrot.tokenizer.trainer import train_tokenizer_command
 
     train_tokenizer_command(args)
 
@@ -61,7 +61,7 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
-    from minicodeparrot.tokenizer_report import tokenize_command
+    from minicodeparrot.tokenizer.report import tokenize_command
 
     tokenize_command(args)
 
@@ -83,7 +83,7 @@ def _add_tokenizer_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _tokenizer_report(args: argparse.Namespace) -> None:
-    from minicodeparrot.tokenizer_report import tokenizer_report_command
+    from minicodeparrot.tokenizer.report import tokenizer_report_command
 
     tokenizer_report_command(args)
 
@@ -105,7 +105,7 @@ def _add_make_corpus(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_corpus(args: argparse.Namespace) -> None:
-    from minicodeparrot.corpus import make_corpus_command
+    from minicodeparrot.sources.corpus import make_corpus_command
 
     make_corpus_command(args)
 
@@ -133,7 +133,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from minicodeparrot.demo import EXAMPLES  # the book's prompts, for --examples
-    from minicodeparrot.generate import generate_command
+    from minicodeparrot.model.generate import generate_command
 
     generate_command(args, examples=EXAMPLES)
 
@@ -198,7 +198,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from minicodeparrot.train import train
+    from minicodeparrot.training.train import train
 
     train(args)
 
@@ -249,7 +249,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> None:
-    from minicodeparrot.preprocess import preprocess_command
+    from minicodeparrot.data.preprocess import preprocess_command
 
     preprocess_command(args)
 
@@ -270,7 +270,7 @@ def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretokenize(args: argparse.Namespace) -> None:
-    from minicodeparrot.pretokenize import pretokenize_command
+    from minicodeparrot.data.pretokenize import pretokenize_command
 
     pretokenize_command(args)
 
@@ -297,7 +297,7 @@ def _add_evaluate_loss(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate_loss(args: argparse.Namespace) -> None:
-    from minicodeparrot.evaluate import evaluate_loss_command
+    from minicodeparrot.evaluation.loss import evaluate_loss_command
 
     evaluate_loss_command(args)
 
@@ -333,7 +333,7 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
 
 
 def _humaneval(args: argparse.Namespace) -> None:
-    from minicodeparrot.humaneval import humaneval_command
+    from minicodeparrot.evaluation.humaneval import humaneval_command
 
     humaneval_command(args)
 

@@ -73,7 +73,7 @@ def _steps_for_budget(seconds: float, vocab_size: int, batch_size: int, seq_leng
     """How many optimizer steps fit in `seconds`: time a few steps of the tiny model on random tokens."""
     import torch
 
-    from minicodeparrot.train import accumulate_gradients, build_model, make_optimizer
+    from minicodeparrot.training.train import accumulate_gradients, build_model, make_optimizer
 
     model = build_model("tiny", vocab_size, seq_length).to(device)
     opt = make_optimizer(model, 1e-3, 0.1)
@@ -109,14 +109,14 @@ def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.
              show_progress: bool = True) -> dict:
     import torch
 
-    from minicodeparrot.bpe_trainer import BYTE_LEVEL_ALPHABET, train_bpe
-    from minicodeparrot.corpus import make_corpus
     from minicodeparrot.errors import UserError
-    from minicodeparrot.generate import complete_code
-    from minicodeparrot.model import GPT
-    from minicodeparrot.shards import iter_texts
-    from minicodeparrot.tokenizer import Tokenizer
-    from minicodeparrot.train import PRESETS
+    from minicodeparrot.model.generate import complete_code
+    from minicodeparrot.model.gpt import GPT
+    from minicodeparrot.sources.corpus import make_corpus
+    from minicodeparrot.sources.shards import iter_texts
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+    from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
+    from minicodeparrot.training.train import PRESETS
 
     if minutes <= 0 or vocab_size < 300:
         raise UserError("--minutes must be > 0 and --vocab-size at least 300")

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minicodeparrot.loader import build_train_loader  # noqa: E402
-from minicodeparrot.tokenizer import Tokenizer  # noqa: E402
+from minicodeparrot.data.loader import build_train_loader  # noqa: E402
+from minicodeparrot.tokenizer.bpe import Tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

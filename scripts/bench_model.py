@@ -32,8 +32,8 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-from minicodeparrot.generate import generate
-from minicodeparrot.model import GPT, GPTConfig
+from minicodeparrot.model.generate import generate
+from minicodeparrot.model.gpt import GPT, GPTConfig
 
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)  # timing should not include RNG work
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from minicodeparrot.corpus import make_corpus
-from minicodeparrot.packing import ConstantLengthDataset
-from minicodeparrot.pretokenize import TokenShardDataset, pretokenize
-from minicodeparrot.shards import ShardStream
-from minicodeparrot.tokenizer import Tokenizer
+from minicodeparrot.data.packing import ConstantLengthDataset
+from minicodeparrot.data.pretokenize import TokenShardDataset, pretokenize
+from minicodeparrot.sources.corpus import make_corpus
+from minicodeparrot.sources.shards import ShardStream
+from minicodeparrot.tokenizer.bpe import Tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
@@ -103,7 +103,7 @@ def main() -> None:
 
         # Dropped fraction with the defaults (1024 x 1024 x 3.6) over the whole stdlib train split. Only
         # document lengths matter, so simulate the buffers from per-document (chars, tokens) counts.
-        from minicodeparrot.shards import iter_texts
+        from minicodeparrot.sources.shards import iter_texts
 
         texts = list(iter_texts(train))
         encoded = ours_tok.encode_batch(texts, parse_special=False)

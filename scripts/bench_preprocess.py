@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-import minicodeparrot.shards  # noqa: F401  (it imports torch: keep that out of the timings)
-from minicodeparrot import dedup
-from minicodeparrot.corpus import make_corpus
-from minicodeparrot.preprocess import CleanOptions, preprocess, uniform
+import minicodeparrot.sources.shards  # noqa: F401  (it imports torch: keep that out of the timings)
+from minicodeparrot.data import dedup
+from minicodeparrot.data.preprocess import CleanOptions, preprocess, uniform
+from minicodeparrot.sources.corpus import make_corpus
 
 PATTERN = re.compile(r"\s+")
 

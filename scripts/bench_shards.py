@@ -6,7 +6,7 @@ Writes codeparrot-format .json.gz shards of standard-library files to a temp dir
 (best of --repeat, interleaved) with:
   baseline       `gzip.open(path)` + `json.loads` per line (what any script would write; `datasets` is
                  not a dependency, so this is the reference measured in the same run)
-  iter_records   minicodeparrot.shards.iter_records
+  iter_records   minicodeparrot.sources.shards.iter_records
   ShardStream    with shuffle_files and a 1000-record shuffle buffer
   hub loopback   iter_records over tests/hubserver.py on 127.0.0.1 (HTTP, redirect, streaming gunzip)
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import stdlib_texts  # noqa: E402
 from hubserver import HubServer, write_shards  # noqa: E402
 
-from minicodeparrot import shards  # noqa: E402
+from minicodeparrot.sources import shards  # noqa: E402
 
 
 def baseline(paths: list[Path]) -> int:

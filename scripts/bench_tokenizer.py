@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import stdlib_texts  # noqa: E402
 
-from minicodeparrot.tokenizer import GPT2_PATTERN, Tokenizer, bytes_to_unicode  # noqa: E402
+from minicodeparrot.tokenizer.bpe import GPT2_PATTERN, Tokenizer, bytes_to_unicode  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -194,7 +194,7 @@ def bench_train(texts: list[str]) -> None:
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
-    from minicodeparrot.bpe_trainer import train_bpe
+    from minicodeparrot.tokenizer.trainer import train_bpe
 
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(f"train: vocab 32768 on {len(texts)} .py files, {mb:.2f} MB")

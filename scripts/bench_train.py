@@ -21,8 +21,8 @@ import time
 import torch
 from torch import nn
 
-from minicodeparrot.model import GPT, GPTConfig
-from minicodeparrot.train import accumulate_gradients, make_optimizer, peak_flops
+from minicodeparrot.model.gpt import GPT, GPTConfig
+from minicodeparrot.training.train import accumulate_gradients, make_optimizer, peak_flops
 
 
 class HFAdapter(nn.Module):

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minicodeparrot.model import GPT, GPTConfig
-from minicodeparrot.train import make_optimizer
+from minicodeparrot.model.gpt import GPT, GPTConfig
+from minicodeparrot.training.train import make_optimizer
 
 
 def _state_bytes(optimizer) -> int:

@@ -69,7 +69,7 @@ def section_parity(out: Path) -> None:
     import torch
     import transformers
 
-    from minicodeparrot.model import GPT, GPTConfig
+    from minicodeparrot.model.gpt import GPT, GPTConfig
 
     device = _device()
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 matmuls
@@ -131,7 +131,7 @@ def _bench_train():
 def section_throughput(out: Path) -> None:
     import torch
 
-    from minicodeparrot.model import GPTConfig
+    from minicodeparrot.model.gpt import GPTConfig
 
     bench = _bench_train()
     device = _device()
@@ -300,7 +300,7 @@ def section_resume(out: Path) -> None:
 def section_xl(out: Path) -> None:
     import torch
 
-    from minicodeparrot.model import GPTConfig
+    from minicodeparrot.model.gpt import GPTConfig
 
     bench = _bench_train()
     device = _device()

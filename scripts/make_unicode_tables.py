@@ -1,4 +1,5 @@
-"""Write minicodeparrot/unicode_tables.py: the code points the reference calls letter, number, space.
+"""Write minicodeparrot/tokenizer/unicode_tables.py: the code points the reference calls letter, number,
+space.
 
 GPT-2's pattern is written with `\\p{L}`, `\\p{N}` and `\\s`. What those mean depends on the engine
 and on its Unicode tables: the reference (Hugging Face `tokenizers`) runs the pattern through
@@ -14,7 +15,7 @@ class it puts c in, by pre-tokenizing three probe strings:
 All probes of a kind are joined into one string and pre-tokenized at once; the piece offsets say
 which probe characters share a piece. The result is written as sorted (first, last) ranges.
 
-    python scripts/make_unicode_tables.py      # then: ruff check, pytest tests/test_tokenizer.py
+    python scripts/make_unicode_tables.py      # then: ruff check, pytest tests/tokenizer/test_bpe.py
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import pre_tokenizers
 
-OUT = Path(__file__).resolve().parent.parent / "minicodeparrot" / "unicode_tables.py"
+OUT = Path(__file__).resolve().parent.parent / "minicodeparrot" / "tokenizer/unicode_tables.py"
 REF = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 # Surrogates cannot be in a Rust string, nor in UTF-8 text: they are never tokenized.
 CODE_POINTS = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]

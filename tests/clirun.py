@@ -14,8 +14,8 @@ from minicodeparrot import cli
 
 def save_tiny_model(out: Path, gpt2_dir: Path) -> Path:
     """A random 1-layer GPT with the GPT-2 tokenizer, saved the way training saves models."""
-    from minicodeparrot.model import GPT, GPTConfig
-    from minicodeparrot.tokenizer import Tokenizer
+    from minicodeparrot.model.gpt import GPT, GPTConfig
+    from minicodeparrot.tokenizer.bpe import Tokenizer
 
     torch.manual_seed(0)
     config = GPTConfig(n_positions=256, n_embd=32, n_layer=1, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0,

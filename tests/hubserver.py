@@ -1,4 +1,4 @@
-"""A loopback stand-in for the Hugging Face Hub, with fault injection, for offline tests of hub.py/shards.py.
+"""A loopback stand-in for the Hugging Face Hub, with fault injection, for offline tests of sources/.
 
 It serves local directories as Hub repos on 127.0.0.1:
   GET /api/{datasets|models}/{owner}/{name}/tree/{rev}?recursive=true  listing, `page_size` entries per page,

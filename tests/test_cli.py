@@ -16,9 +16,9 @@ import pytest
 from conftest import stdlib_texts
 from hubserver import HubServer, write_shards
 
-from minicodeparrot import hub
 from minicodeparrot.cli import main
-from minicodeparrot.tokenizer import Tokenizer
+from minicodeparrot.sources import hub
+from minicodeparrot.tokenizer.bpe import Tokenizer
 
 REPO = "owner/codeparrot-mini"
 TOKEN = "hf_clitesttoken"

@@ -1,0 +1,338 @@
+"""GPT-2's byte-level BPE tokenizer, written from scratch, with the reference library's exact output.
+
+Encoding a text takes four steps, the same as OpenAI's GPT-2 and Hugging Face `tokenizers`:
+
+1. split off special tokens (`<|endoftext|>`): they are whole tokens and never reach the regex;
+2. cut the rest with the GPT-2 regex into pieces ("words"): ` def`, ` say`, `_`, `hello`, `():` ...;
+   pieces never cross a piece boundary, so BPE only ever merges inside one piece;
+3. write each piece's UTF-8 bytes as printable characters (`bytes_to_unicode`: ' ' -> 'Ġ'),
+   so that every string is made of the 256 base symbols and no byte is ever unknown;
+4. apply the learned merges inside each piece, lowest rank (earliest learned) first.
+
+Speed comes from step 4 being done once per distinct piece: code repeats the same few thousand
+pieces (`Ġself`, `ĊĠĠĠĠĠĠĠ`, ...), so a dict from piece to ids answers almost every lookup, and the
+hot loop is a regex `findall` plus C-level dict lookups. The other speed paths live beside this
+module: fast/split.py (the split through a pattern of ASCII classes), fast/piece_cuts.py (long
+non-ASCII pieces, e.g. Chinese clauses, cut where no merge can cross) and fast/parallel_encode.py
+(batches over processes). The Hugging Face file formats live in tokenizer/files.py.
+
+The Unicode pitfall: GPT-2's pattern says `\\p{L}`, `\\p{N}` and `\\s`, whose meaning depends on the
+regex engine's Unicode tables. The reference runs it through Oniguruma with tables of its own;
+each `regex` release ships the newest Unicode, in which thousands more code points are letters.
+One such character in a file changes the pieces, hence the ids and, in training, every later
+merge. So our pattern has no property class at all: its classes are the explicit code-point
+ranges of tokenizer/unicode_tables.py, generated from the reference itself, and the standard `re` module
+runs it. No installed `regex` release can change the pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain, repeat
+from operator import lshift, or_
+from pathlib import Path
+
+from minicodeparrot.errors import UserError
+from minicodeparrot.tokenizer import files as tokenizer_files
+from minicodeparrot.tokenizer.fast import parallel_encode, piece_cuts
+from minicodeparrot.tokenizer.fast.split import ASCII_RE, split_any
+from minicodeparrot.tokenizer.files import EOS_TOKEN
+from minicodeparrot.tokenizer.unicode_tables import LETTERS, NUMBERS, SPACES
+
+__all__ = ["EOS_TOKEN", "GPT2_PATTERN", "SPLIT_PATTERN", "Tokenizer", "bytes_to_unicode", "pre_tokenize",
+           "split_pieces"]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each of the 256 byte values to a printable character.
+
+    BPE works on strings, and vocab.json/merges.txt are text files, so every byte needs a visible,
+    non-whitespace character. The 188 printable Latin-1 bytes stand for themselves; the other 68
+    (controls, space, DEL, no-break space, soft hyphen) are sent, in byte order, to chr(256),
+    chr(257), ...: this is why a space shows up as 'Ġ' and a newline as 'Ċ' in GPT-2 tokens.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    mapping = {b: chr(b) for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return dict(sorted(mapping.items()))
+
+
+# The GPT-2 pattern, verbatim. Note the contractions are case-sensitive ('LL is "'" + "LL") and
+# `\s+(?!\S)` leaves the last space of a run to start the next word: "\n    print" -> "\n   ", " print".
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def char_class(ranges: Sequence[tuple[int, int]], negate: bool = False) -> str:
+    """A regex character class of explicit code-point ranges, e.g. [\\x41-\\x5a\\u00aa]."""
+    def esc(c: int) -> str:
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
+
+    body = "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+    return f"[{'^' if negate else ''}{body}]"
+
+
+# The same pattern with the reference's classes spelled out: L = \p{L}, N = \p{N}, S = \s.
+_L, _N, _S = char_class(LETTERS), char_class(NUMBERS), char_class(SPACES)
+_OTHER = char_class(sorted(LETTERS + NUMBERS + SPACES), negate=True)  # [^\s\p{L}\p{N}]
+_NOT_S = char_class(SPACES, negate=True)  # \S
+SPLIT_PATTERN = rf"""'s|'t|'re|'ve|'m|'ll|'d| ?{_L}+| ?{_N}+| ?{_OTHER}+|{_S}+(?!{_NOT_S})|{_S}+"""
+# `re`, not `regex`: with explicit classes both give the same pieces, and `re` is faster here.
+_SPLIT_RE = re.compile(SPLIT_PATTERN)
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _split_re(text: str) -> re.Pattern:
+    return ASCII_RE if text.isascii() else _SPLIT_RE
+
+
+def _to_symbols(piece: str) -> str:
+    """A raw piece as byte-level symbols: ' say' -> 'Ġsay', '€' -> 'âĤ¬'."""
+    return piece.encode("utf-8").decode("latin-1").translate(_BYTE_TO_CHAR)
+
+
+def split_pieces(text: str) -> list[str]:
+    """The GPT-2 regex pieces of `text`, as raw text (SPLIT_PATTERN's; fast/split.py has the speed paths)."""
+    return ASCII_RE.findall(text) if text.isascii() else split_any(text)
+
+
+def pre_tokenize(text: str) -> list[tuple[str, tuple[int, int]]]:
+    """Byte-level pieces with character offsets, like the reference's `ByteLevel().pre_tokenize_str`."""
+    return [(_to_symbols(m.group()), m.span()) for m in _split_re(text).finditer(text)]
+
+
+# BPE works on token ids. A pair (left, right) is the int `left << ID_BITS | right`, and a merge is
+# stored as `rank << ID_BITS | merged_id`: one dict lookup gives both, and the smallest value is
+# the lowest rank. Ints hash and compare in C, without building tuples or strings per pair.
+ID_BITS = 20  # ids below 2**20 (GPT-2's are below 2**16)
+_ID_MASK = (1 << ID_BITS) - 1
+_NO_MERGE = 1 << 62  # the value of a pair that is not a merge
+
+
+def _bpe(ids: list[int], merges: dict[int, int]) -> list[int]:
+    """Apply merges to one piece: repeatedly merge the adjacent pair of lowest rank, leftmost first.
+
+    This is the reference's order (a priority queue of (rank, position)), so `a a a` -> `aa a`.
+    `pair[i]` is the merge value of (ids[i], ids[i+1]); after a merge only its two neighbours
+    change, and `min`/`index` over the list run in C, which keeps a cache miss cheap.
+    """
+    get = merges.get
+    pair = list(map(get, map(or_, map(lshift, ids, repeat(ID_BITS)), ids[1:]), repeat(_NO_MERGE)))
+    while pair:
+        best = min(pair)
+        if best == _NO_MERGE:
+            break
+        i = pair.index(best)
+        ids[i : i + 2] = (best & _ID_MASK,)
+        del pair[i]
+        if i > 0:
+            pair[i - 1] = get(ids[i - 1] << ID_BITS | ids[i], _NO_MERGE)
+        if i < len(pair):
+            pair[i] = get(ids[i] << ID_BITS | ids[i + 1], _NO_MERGE)
+    return ids
+
+
+# Distinct pieces kept in a tokenizer's word cache. A call that finds it fuller than this empties it
+# first, so a long-lived tokenizer (a worker, a service) stays bounded; results never depend on it.
+CACHE_LIMIT = 1 << 18
+
+
+class _WordCache(dict):
+    """piece -> ids. A piece not in it is BPE'd on its first lookup (`__missing__`), so encoding is
+    one C-level `map(cache.__getitem__, pieces)` and no lookup can ever fail."""
+
+    def __init__(self, bpe: Callable[[str], tuple[int, ...]]) -> None:
+        super().__init__()
+        self.bpe = bpe
+
+    def __missing__(self, piece: str) -> tuple[int, ...]:
+        ids = self[piece] = self.bpe(piece)
+        return ids
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: `vocab` (token -> id), `merges` (in rank order), special tokens."""
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: Sequence[tuple[str, str]],
+        special_tokens: Sequence[str] = (EOS_TOKEN,),
+    ) -> None:
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        for tok in special_tokens:  # like the reference's add_special_tokens: append if missing
+            if tok not in self.vocab:
+                self.vocab[tok] = max(self.vocab.values(), default=-1) + 1
+        self.special_tokens = list(special_tokens)
+        self._check()
+        v = self.vocab
+        self._merges = {v[a] << ID_BITS | v[b]: rank << ID_BITS | v[a + b]
+                        for rank, (a, b) in enumerate(self.merges)}
+        self._byte_ids = {b: v[c] for b, c in _BYTE_TO_CHAR.items() if c in v}
+        self._cross_index: piece_cuts.CrossIndex | None = None  # built on the first long non-ASCII piece
+        self._id_to_token = {i: t for t, i in self.vocab.items()}
+        special = set(self.special_tokens)
+        self._id_to_bytes = {
+            i: t.encode("utf-8") if t in special else bytes(_CHAR_TO_BYTE[c] for c in t)
+            for t, i in self.vocab.items()
+        }
+        # Longest first, so that an added token that contains another wins (leftmost-longest).
+        alternatives = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        self._cache = _WordCache(self._bpe_piece)
+
+    def _check(self) -> None:
+        ids = list(self.vocab.values())
+        if len(set(ids)) != len(ids):
+            raise UserError("vocab maps two tokens to the same id; the vocab file is corrupt, regenerate it")
+        if max(ids, default=0) >> ID_BITS or min(ids, default=0) < 0:
+            raise UserError(f"token ids must be in 0..{_ID_MASK}; this vocab is not a GPT-2 style vocab")
+        special = set(self.special_tokens)
+        for t in self.vocab:
+            if t not in special and any(c not in _CHAR_TO_BYTE for c in t):
+                raise UserError(f"vocab token {t!r} is not byte-level (GPT-2 style); use a byte-level vocab")
+        for a, b in self.merges:
+            if a not in self.vocab or b not in self.vocab or a + b not in self.vocab:
+                raise UserError(f"merge {a!r} {b!r} uses a token missing from the vocab; files do not match")
+
+    # --- files (tokenizer/files.py) --------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> Tokenizer:
+        """Load a tokenizer directory (tokenizer.json, or vocab.json + merges.txt), a tokenizer.json
+        file, or a Hub model repo (`codeparrot/codeparrot`, `gpt2`), downloaded into the Hub cache."""
+        return cls(*tokenizer_files.load(name))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write vocab.json, merges.txt, tokenizer.json and tokenizer_config.json (Hugging Face layouts)."""
+        return tokenizer_files.write(directory, self.vocab, self.merges, self.special_tokens)
+
+    # --- encoding -------------------------------------------------------------------------------
+    def _piece_ids(self, pieces: list[str]) -> Iterable[tuple[int, ...]]:
+        """The ids of each piece; BPE runs once per distinct piece, on its first lookup (_WordCache)."""
+        return map(self._cache.__getitem__, pieces)
+
+    def _bpe_piece(self, piece: str) -> tuple[int, ...]:
+        if not piece.isascii() and len(piece) > 2:
+            if self._cross_index is None:
+                self._cross_index = piece_cuts.CrossIndex(self._id_to_bytes.values())
+            segments = self._cross_index.segments(piece)
+            if len(segments) > 1:  # each part is looked up (and, if new, BPE'd) on its own
+                return tuple(chain.from_iterable(map(self._cache.__getitem__, segments)))
+        return tuple(_bpe(list(map(self._byte_ids.__getitem__, piece.encode("utf-8"))), self._merges))
+
+    def _parts(self, text: str, parse_special: bool) -> list[tuple[int, str, bool]]:
+        """(start, substring, is_special) for the stretches between special tokens, and for them.
+
+        Called once per encode: the place to keep the word cache bounded (see CACHE_LIMIT)."""
+        if len(self._cache) > CACHE_LIMIT:
+            self._cache.clear()
+        if not parse_special or self._special_re is None:
+            return [(0, text, False)]
+        parts, pos = [], 0
+        for m in self._special_re.finditer(text):
+            if m.start() > pos:
+                parts.append((pos, text[pos : m.start()], False))
+            parts.append((m.start(), m.group(), True))
+            pos = m.end()
+        if pos < len(text):
+            parts.append((pos, text[pos:], False))
+        return parts
+
+    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`.
+
+        With parse_special=True (the reference's behaviour) a literal `<|endoftext|>` becomes its
+        special id. Data packing passes False: a source file that contains the string must not be
+        able to forge a document boundary, so it is encoded as the plain text `<|`, `endoftext`, `|>`.
+        """
+        ids: list[int] = []
+        for _, part, special in self._parts(text, parse_special):
+            if special:
+                ids.append(self.vocab[part])
+            else:
+                ids.extend(chain.from_iterable(self._piece_ids(split_pieces(part))))
+        return ids
+
+    def encode_with_offsets(self, text: str, parse_special: bool = True
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character offsets in `text`, as the reference's
+        `Encoding.ids` / `Encoding.offsets` for the tokenizer.json we write.
+
+        A token holding only some of a character's UTF-8 bytes (an emoji is often three tokens)
+        gets that whole character's span, and a token with bytes of several characters spans all
+        of them: offsets are in characters, and a character is never cut.
+        """
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for start, part, special in self._parts(text, parse_special):
+            if special:
+                ids.append(self.vocab[part])
+                offsets.append((start, start + len(part)))
+                continue
+            matches = list(_split_re(part).finditer(part))
+            for m, piece_ids in zip(matches, self._piece_ids([m.group() for m in matches]), strict=True):
+                ids.extend(piece_ids)
+                # char_of[k]: the character (offset in `text`) that holds byte k of the piece.
+                char_of = [start + m.start() + j for j, ch in enumerate(m.group())
+                           for _ in range(len(ch.encode("utf-8")))]
+                k = 0
+                for i in piece_ids:
+                    n = len(self._id_to_bytes[i])
+                    offsets.append((char_of[k], char_of[k + n - 1] + 1))
+                    k += n
+        return ids, offsets
+
+    def encode_batch(
+        self, texts: Sequence[str], num_workers: int | None = None, parse_special: bool = True
+    ) -> list[list[int]]:
+        """Encode many texts; large batches are split over worker processes, in order."""
+        return parallel_encode.encode_batch(self.encode, texts, num_workers, parse_special)
+
+    def __getstate__(self) -> dict:
+        # The cache can be large and is cheap to rebuild: do not send it to worker processes.
+        return {"vocab": self.vocab, "merges": self.merges, "special_tokens": self.special_tokens}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["vocab"], state["merges"], state["special_tokens"])
+
+    # --- decoding and inspection ------------------------------------------------------------------
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are kept. Bytes that are not valid UTF-8 become U+FFFD."""
+        try:
+            data = b"".join(map(self._id_to_bytes.__getitem__, ids))
+        except KeyError as e:
+            raise UserError(f"token id {e.args[0]} is not in this tokenizer's vocab of {len(self)}") from None
+        return data.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, parse_special: bool = True) -> list[str]:
+        """Token strings as in the book: ['def', 'Ġsay', '_', 'hello', ...]."""
+        return self.convert_ids_to_tokens(self.encode(text, parse_special=parse_special))
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self._id_to_token[i] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def eos_token(self) -> str | None:
+        if EOS_TOKEN in self.special_tokens:
+            return EOS_TOKEN
+        return self.special_tokens[0] if self.special_tokens else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.eos_token
+        return None if eos is None else self.vocab[eos]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={len(self)}, merges={len(self.merges)}, specials={self.special_tokens})"

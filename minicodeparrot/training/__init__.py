@@ -1,0 +1,11 @@
+"""Stage 5, training: the pretraining loop under torchrun (DDP), its checkpoints and its validation loss.
+
+Read in this order:
+1. `train.py`      - the loop first, then one optimizer step (gradient accumulation, clipping, AdamW,
+                     the LR schedule), then set-up: model, optimizer, data, logs, resume.
+2. `checkpoint.py` - what a checkpoint holds, how it is written atomically, why resume is exact.
+3. `validation.py` - the validation loss as an exact token mean across ranks.
+
+The process group itself is `minicodeparrot/dist.py`. Skip on a first reading: the signal
+handling and the metrics plumbing at the end of `train.py`.
+"""

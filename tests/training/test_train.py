@@ -1,0 +1,630 @@
+"""The training loop: optimizer groups, schedule, DDP and accumulation maths, resume, signals.
+
+Everything runs on CPU with a 2-layer, 32-wide GPT on a small standard-library corpus. Subprocess runs use
+OMP_NUM_THREADS=1: the CI machine has 2 cores, and oversubscribed OpenMP threads slow tiny matmuls 10x.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minicodeparrot.errors import UserError
+from minicodeparrot.model.gpt import GPT, GPTConfig
+from minicodeparrot.training import train as T
+from minicodeparrot.training.checkpoint import list_checkpoints
+from minicodeparrot.training.validation import evaluate_loss
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    """A corpus of 48 stdlib modules (train + validation shards), a 300-token BPE, a tiny model config."""
+    from minicodeparrot.sources.corpus import make_corpus
+    from minicodeparrot.sources.shards import iter_texts
+    from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
+
+    root = tmp_path_factory.mktemp("train")
+    src = root / "src"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(p for p in stdlib.glob("*.py") if 2048 <= p.stat().st_size <= 40_000)[:48]:
+        shutil.copy(f, src / f.name)
+    make_corpus(root / "corpus", sources=[src], samples_per_file=8, validation_fraction=0.15,
+                show_progress=False)
+    tok = train_bpe(list(iter_texts(root / "corpus" / "train")), 300, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                    show_progress=False)
+    tok.save_pretrained(root / "tok")
+    dropout = {"embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1}  # so resume must restore the RNG
+    (root / "model.json").write_text(json.dumps({**TINY, **dropout}))
+    return {"root": root, "tok": root / "tok", "train": root / "corpus" / "train",
+            "valid": root / "corpus" / "valid", "model": root / "model.json"}
+
+
+def _args(work: dict, out: Path, *extra: str) -> list[str]:
+    return ["--preset", "tiny", "--model-config", str(work["model"]), "--tokenizer", str(work["tok"]),
+            "--dataset-name-train", str(work["train"]), "--dataset-name-valid", str(work["valid"]),
+            "--output-dir", str(out), "--seq-length", "32", "--train-batch-size", "4",
+            "--valid-batch-size", "4", "--max-eval-steps", "2", "--num-warmup-steps", "2",
+            "--record-shuffle-buffer", "8", "--sequence-shuffle-buffer", "8", "--no-progress", *extra]
+
+
+def _metrics(out: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Train loss and eval loss by step; a step logged twice (re-run after a resume) keeps its last value."""
+    train, evals = {}, {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if "loss" in d:
+            train[d["step"]] = d["loss"]
+        else:
+            evals[d["step"]] = d["eval_loss"]
+    return train, evals
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_gpt(seed: int = 0, dropout: float = 0.0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=97, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout, **TINY))
+
+
+# --- optimizer groups and schedule --------------------------------------------------------------------------
+def test_decay_groups_are_exactly_biases_and_layernorm_gains():
+    model = _tiny_gpt()
+    decay, no_decay = T.decay_parameter_names(model)
+    blocks = [f"transformer.h.{i}." for i in range(2)]
+    assert set(decay) == {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        b + n for b in blocks for n in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                        "mlp.c_proj.weight")}
+    assert set(no_decay) == {"transformer.ln_f.weight", "transformer.ln_f.bias"} | {
+        b + n for b in blocks for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                                        "attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias",
+                                        "mlp.c_proj.bias")}
+    # The book's list matches the biases but none of GPT-2's LayerNorm gains.
+    book = [n for n in decay + no_decay if any(k in n for k in ["bias", "LayerNorm.weight"])]
+    assert not any(n.endswith("ln_1.weight") for n in book)
+    opt = T.make_optimizer(model, 1e-3, 0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())  # tied lm_head counted once, nothing missing
+
+
+def test_decay_groups_match_transformers_gpt2_names():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    decay, no_decay = T.decay_parameter_names(hf)
+    ln = {n for n, m in hf.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert {f"{m}.weight" for m in ln} <= set(no_decay)
+    assert all(n.endswith("bias") or n.rsplit(".", 1)[0] in ln for n in no_decay)
+    assert all(p.dim() == 2 for n, p in hf.named_parameters() if n in decay)
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    f = T.lr_factor
+    assert f(0, 10, 100) == 0.0
+    assert f(5, 10, 100) == 0.5
+    assert f(10, 10, 100) == 1.0  # warmup end: the peak
+    assert f(55, 10, 100) == pytest.approx(0.5)  # half-way through the decay
+    assert f(100, 10, 100) == pytest.approx(0.0, abs=1e-12)  # the end
+    assert f(55, 10, 100, "linear") == pytest.approx(0.5)
+    assert f(90, 10, 100, "constant") == 1.0
+    # Through the real scheduler: lr used at optimizer step s (1-based) is factor(s - 1) * peak.
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    sched = T.make_scheduler(opt, warmup=10, total=100, kind="cosine")
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[10] == pytest.approx(2e-4) and max(lrs) == pytest.approx(2e-4)
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_arguments_are_one_line_errors(work, tmp_path, capsys):
+    from minicodeparrot.cli import main
+
+    for flag, value, expect in [("--train-batch-size", "0", "--train-batch-size must be at least 1"),
+                                ("--num-warmup-steps", "500", "--num-warmup-steps must be in"),
+                                ("--max-eval-steps", "0", "--max-eval-steps must be")]:
+        with pytest.raises(SystemExit) as e:
+            main(["train", *_args(work, tmp_path / "o", "--max-train-steps", "10"), flag, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="neither an architecture"):
+        T.build_model("no-such-config", 100, 32)
+
+
+# --- gradient maths ------------------------------------------------------------------------------------
+def _batches(n: int, b: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (b, 16), generator=g) for _ in range(n)]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_k_times_b_equals_batch_k_b():
+    micro = _batches(3, 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    off = torch.autocast("cpu", enabled=False)
+    a, b = _tiny_gpt(), _tiny_gpt()
+    loss_a = T.accumulate_gradients(a, micro, off, scaler)
+    loss_b = T.accumulate_gradients(b, [torch.cat(micro)], off, scaler)
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-6)
+    ga, gb = _grads(a), _grads(b)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-7)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    micro = _batches(4, 2)  # global batch: 4 micro-batches of 2; rank r takes micro-batches r and r+2
+    model = DDP(_tiny_gpt(seed=rank))  # different init per rank: DDP must broadcast rank 0's weights
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        fut = dist.all_reduce(bucket.buffer() / world, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    model.register_comm_hook(None, counting_hook)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    off = torch.autocast("cpu", enabled=False)
+    T.accumulate_gradients(model, micro[rank::world], off, scaler)
+    n_accum = len(calls)
+    model.zero_grad()
+    calls.clear()
+    T.accumulate_gradients(model, [micro[rank]], off, scaler)
+    # Evaluation over uneven shares: rank 0 holds 3 sequences, rank 1 one.
+    data = torch.cat(_batches(1, 4, seed=7))
+    mine = [data[:3]] if rank == 0 else [data[3:]]
+    eval_loss = evaluate_loss(model.module, iter(mine), autocast=off)["loss"]
+    if rank == 0:
+        torch.save({"calls_accum": n_accum, "calls_single": len(calls), "eval": eval_loss}, out)
+    model.zero_grad()
+    T.accumulate_gradients(model, micro[rank::world], off, scaler)
+    if rank == 0:
+        torch.save({**torch.load(out), "grads": _grads(model.module)}, out)
+    # Tear down in order: both ranks done, then the DDP reducer (it holds the process group), then the
+    # group. Destroying the group under a live reducer, or while the peer is still mid-collective, can
+    # abort the process in gloo's C++ teardown ("terminate called without an active exception").
+    dist.barrier()
+    del model
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    # no_sync covered forward and backward: one all-reduce per bucket per optimizer step, not per micro-step.
+    assert res["calls_accum"] == res["calls_single"] >= 1
+    single = _tiny_gpt(seed=0)
+    T.accumulate_gradients(single, _batches(4, 2), torch.autocast("cpu", enabled=False),
+                           torch.amp.GradScaler("cpu", enabled=False))
+    ref = _grads(single)
+    for n, g in res["grads"].items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-7)
+    data = torch.cat(_batches(1, 4, seed=7))
+    ref_eval = evaluate_loss(_tiny_gpt(seed=0), iter([data]))["loss"]
+    assert res["eval"] == pytest.approx(ref_eval, rel=1e-6)
+
+
+def _compiled_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    class SmallBucketDDP(DDP):  # several gradient buckets even for a tiny model, as a real one has
+        def __init__(self, module, **kw):
+            super().__init__(module, bucket_cap_mb=0.02, **kw)
+
+    dist._DEFAULT_FIRST_BUCKET_BYTES = 16_000  # DDP and dynamo: the first bucket is the smallest
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # called once per graph dynamo hands to the compiler
+        graphs.append(len(list(gm.graph.nodes)))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    T.DDP = SmallBucketDDP
+    di = T.DistInfo(rank, 0, world, torch.device("cpu"))
+    micro = _batches(4, 2)[rank::world]
+    off, scaler = torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
+    grads = {}
+    real_compile = torch.compile
+    for name, compile in (("eager", False), ("compiled", True)):
+        torch.compile = lambda m, **k: real_compile(m, backend=counting_backend)
+        try:
+            model = T.wrap_model(_tiny_gpt(seed=0, dropout=0.0), di, compile)
+        finally:
+            torch.compile = real_compile
+        T.accumulate_gradients(model, micro, off, scaler)
+        grads[name] = _grads(T.unwrap(model))
+        dist.barrier()
+        del model
+    if rank == 0:
+        torch.save({"grads": grads, "graphs": len(graphs)}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_compiled_ddp_splits_at_buckets_and_gives_eager_gradients(tmp_path):
+    """DDP is wrapped before torch.compile, so dynamo splits the graph at DDP's bucket boundaries (each
+    bucket's all-reduce can then start during backward) and the gradients stay those of eager DDP."""
+    out = tmp_path / "compiled.pt"
+    mp.spawn(_compiled_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    assert res["graphs"] > 1  # compiled-then-wrapped would be one graph, all-reducing only at its end
+    for n, g in res["grads"]["eager"].items():
+        torch.testing.assert_close(res["grads"]["compiled"][n], g, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_gives_ddp_losses_and_resumes_exactly(work, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "minicodeparrot", "train"]
+    common = ("--max-train-steps", "6", "--save-checkpoint-steps", "3", "--max-eval-steps", "1")
+    runs = {"ddp": (), "zero": ("--zero",)}
+    for name, extra in runs.items():
+        r = subprocess.run([*torchrun, *_args(work, tmp_path / name, *common, *extra)], env=ENV,
+                           capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ddp, zero = _metrics(tmp_path / "ddp")[0], _metrics(tmp_path / "zero")[0]
+    assert zero == ddp  # the same AdamW arithmetic, each rank on its own slice of the parameters
+    step3 = tmp_path / "zero" / "step_3"
+    assert sorted(p.name for p in step3.glob("optimizer*")) == ["optimizer_rank0.pt", "optimizer_rank1.pt"]
+    shutil.copytree(step3, tmp_path / "resumed" / "step_3")
+    r = subprocess.run([*torchrun, *_args(work, tmp_path / "resumed", *common, "--zero",
+                                          "--resume-from-checkpoint", "latest")],
+                       env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _metrics(tmp_path / "resumed")[0]
+    assert {s: resumed[s] for s in (4, 5, 6)} == {s: zero[s] for s in (4, 5, 6)}  # bitwise
+    r = subprocess.run([*torchrun, *_args(work, tmp_path / "resumed", *common, "--max-train-steps", "7",
+                                          "--resume-from-checkpoint", "latest")],
+                       env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 0 and "was saved with --zero and this run is without it" in r.stderr
+
+
+# --- whole runs ----------------------------------------------------------------------------------------
+def test_torchrun_two_ranks_learns(work, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "minicodeparrot", "train", *_args(work, out, "--max-train-steps", "30",
+                                                "--save-checkpoint-steps", "15")]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses, evals = _metrics(out)
+    first, last = [losses[s] for s in range(1, 6)], [losses[s] for s in range(26, 31)]
+    assert sum(last) / 5 < sum(first) / 5 - 0.5, (first, last)
+    assert set(evals) == {15, 30} and evals[30] < evals[15]
+    # Each rank logged the token sum of its first sequence: different data on the two ranks.
+    sums = []
+    for rank in range(2):
+        text = (out / "log" / f"debug_{rank}.log").read_text()
+        sums.append(text.split("first sequence sums to ")[1].split()[0])
+    assert sums[0] != sums[1]
+    assert torch.load(out / "step_30" / "trainer_state.pt", weights_only=True)["world_size"] == 2
+    for rank in range(2):  # every rank wrote its own data and RNG state; nothing was gathered
+        assert set(torch.load(out / "step_30" / f"rank_{rank}.pt", weights_only=True)) == {"data", "rng"}
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun's trainers run in sessions of their own, and their data
+    workers in theirs, so a process group or session would miss them)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_tree(root: int) -> list[int]:
+    """SIGKILL the run's whole process tree at once, as a crashed node would lose it."""
+    tree = _process_tree(root)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+@pytest.mark.parametrize("launcher,workers", [("one", 0), ("one", 1), ("one", 2), ("torchrun", 0),
+                                              ("torchrun", 1), ("torchrun", 2)])
+def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path, launcher, workers):
+    """Kill -9 the whole run (every process of its session) after a checkpoint; resuming gives the
+    uninterrupted run's losses bit for bit, with the data workers' pipelines restored exactly."""
+    cmd = [sys.executable, "-m", "minicodeparrot", "train"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "minicodeparrot", "train"]
+    common = ("--max-train-steps", "12", "--save-checkpoint-steps", "4", "--keep-last", "2",
+              "--max-eval-steps", "1", "--data-workers", str(workers))
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    full = subprocess.run([*cmd, *_args(work, ref, *common)], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen([*cmd, *_args(work, cut, *common)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not (cut / "step_4").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    tree = _kill_tree(proc.pid)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert len(tree) >= 1 + workers * (2 if launcher == "torchrun" else 1)
+    time.sleep(1)
+    assert not [pid for pid in tree if _alive(pid)]  # nothing of the run outlived it
+    resumed_from = max(int(p.name.split("_")[1]) for p in list_checkpoints(cut))
+    assert resumed_from < 12
+    again = subprocess.run([*cmd, *_args(work, cut, *common, "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {cut / f'step_{resumed_from}'}" in again.stderr, again.stderr[-3000:]
+
+    ref_loss, ref_eval = _metrics(ref)
+    cut_loss, cut_eval = _metrics(cut)
+    for s in range(resumed_from + 1, 13):
+        assert cut_loss[s] == ref_loss[s], s  # bitwise, not approx
+    assert cut_eval == ref_eval
+    assert (cut / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert [p.name for p in list_checkpoints(cut)] == ["step_8", "step_12"]  # --keep-last 2
+
+
+def test_resuming_with_other_data_workers_is_a_one_line_error(work, tmp_path):
+    cmd = [sys.executable, "-m", "minicodeparrot", "train"]
+    out = tmp_path / "w"
+    first = subprocess.run([*cmd, *_args(work, out, "--max-train-steps", "2", "--save-checkpoint-steps", "2",
+                                         "--max-eval-steps", "1", "--data-workers", "2")],
+                           env=ENV, capture_output=True, text=True, timeout=200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run([*cmd, *_args(work, out, "--max-train-steps", "4", "--max-eval-steps", "1",
+                                         "--data-workers", "1", "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=200)
+    errors = [line for line in again.stderr.splitlines() if "error" in line]
+    assert again.returncode == 2 and "Traceback" not in again.stderr and len(errors) == 1, again.stderr
+    assert "resume with --data-workers 2" in errors[0]
+
+
+def test_sigterm_checkpoints_and_exits_zero(work, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "minicodeparrot", "train",
+                             *_args(work, out, "--max-train-steps", "1000",
+                                    "--save-checkpoint-steps", "1000")],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 200
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at step" in err
+    last_step = max(_metrics(out)[0])
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{last_step}"]
+    assert torch.load(out / f"step_{last_step}" / "trainer_state.pt", weights_only=True)["step"] == last_step
+
+
+def test_torchrun_sigterm_checkpoints_every_rank_and_resumes(work, tmp_path):
+    # torchrun forwards SIGTERM to each worker, waits --shutdown-timeout (30 s) for them, then SIGKILLs.
+    out = tmp_path / "ddp_term"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "minicodeparrot", "train"]
+    common = ("--save-checkpoint-steps", "1000", "--max-eval-steps", "1")
+    proc = subprocess.Popen([*torchrun, *_args(work, out, "--max-train-steps", "1000", *common)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    # torchrun re-raises the signal as SignalException after its workers are gone: non-zero status...
+    assert proc.returncode != 0 and "SignalException" in err, err[-3000:]
+    # ...but the workers stopped by themselves, in time, at the same step, each after saying so.
+    assert "forcefully exiting" not in err, err[-3000:]
+    last_step = max(_metrics(out)[0])
+    for rank in range(2):
+        text = (out / "log" / f"debug_{rank}.log").read_text()
+        assert "received SIGTERM" in text and f"stopped at step {last_step} by a signal" in text, text[-2000:]
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{last_step}"]
+    ckpt = out / f"step_{last_step}"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == last_step and state["world_size"] == 2
+    ranks = [torch.load(ckpt / f"rank_{r}.pt", weights_only=True) for r in range(2)]
+    data = [r["data"] for r in ranks]  # each rank's own stream position and shuffle buffer
+    assert [d["rank"] for d in data] == [0, 1]
+    buffers = [d["pipelines"][0]["sequences"]["items"] for d in data]
+    assert buffers[0].dtype == torch.uint16 and buffers[0].shape == (8, 32)  # --sequence-shuffle-buffer 8
+    assert not torch.equal(buffers[0], buffers[1])  # different files per rank
+    assert ranks[0]["rng"]["torch"].ne(ranks[1]["rng"]["torch"]).any()
+    weights = torch.load(ckpt / "model.pt", weights_only=True)
+    GPT(GPTConfig(vocab_size=weights["transformer.wte.weight"].shape[0], **TINY)).load_state_dict(weights)
+
+    again = subprocess.run([*torchrun, *_args(work, out, "--max-train-steps", str(last_step + 2), *common,
+                                              "--resume-from-checkpoint", "latest")],
+                           env=ENV, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {last_step}" in again.stderr
+    losses, _ = _metrics(out)
+    assert max(losses) == last_step + 2 and all(math.isfinite(losses[s]) for s in losses)
+    assert (out / "model.safetensors").is_file()
+
+
+def test_repeated_sigterm_does_not_kill_a_stopping_run():
+    # Under SLURM a worker gets SIGTERM from srun and again from torchrun: the second must not kill it.
+    default, reached_default = signal.getsignal(signal.SIGTERM), []
+    signal.signal(signal.SIGTERM, lambda *_: reached_default.append(1))  # stands in for "terminate"
+    try:
+        stop = T.StopRequest()
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes
+        stop.restore()
+        assert stop.requested and not reached_default
+    finally:
+        signal.signal(signal.SIGTERM, default)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_a_skipped_step_leaves_no_trace(work, tmp_path,
+                                                                                   monkeypatch):
+    from minicodeparrot.cli import build_parser
+
+    real = T.accumulate_gradients
+    calls = []
+
+    def poisoned(model, *a, **k):
+        loss = real(model, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:  # an overflow as it really happens: NaN loss *and* NaN gradients
+            for p in T.unwrap(model).parameters():
+                p.grad.fill_(math.nan)
+            return loss * math.nan
+        return loss
+
+    monkeypatch.setattr(T, "accumulate_gradients", poisoned)
+    args = build_parser().parse_args(["train", *_args(work, tmp_path / "nan", "--max-train-steps", "6")])
+    with pytest.raises(T.NonFiniteLossError, match="loss is nan at step 3"):
+        T.train(args)
+    calls.clear()
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (steps.append(1), real_step(self))[1])
+    args = build_parser().parse_args(["train", *_args(work, tmp_path / "skip", "--max-train-steps", "4",
+                                                       "--max-bad-steps", "1")])
+    result = T.train(args)
+    # 5 batches taken, 4 updates: the bad step's NaN gradients reached neither the weights nor the next step.
+    assert result["step"] == 4 and len(calls) == 5 and len(steps) == 4
+    assert math.isfinite(result["loss"]) and math.isfinite(result["eval_loss"])
+    losses, _ = _metrics(tmp_path / "skip")
+    assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
+
+
+def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch):
+    """Count the calls in training/train.py that make the host wait for the device (.item, int(t), ...)."""
+    from minicodeparrot.cli import build_parser
+
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename == T.__file__:
+                counts["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def run(steps: int) -> int:
+        counts["n"] = 0
+        argv = _args(work, tmp_path / f"s{steps}", "--max-train-steps", str(steps),
+                     "--gradient-accumulation-steps", "2", "--save-checkpoint-steps", "1000")
+        T.train(build_parser().parse_args(["train", *argv]))
+        return counts["n"]
+
+    # Both runs evaluate and checkpoint once, at the end: the difference is 4 steps' worth of syncs.
+    assert run(7) - run(3) == 4
+
+
+def test_preset_warmup_is_clamped_but_a_given_one_is_checked(work, tmp_path):
+    from minicodeparrot.cli import build_parser
+
+    argv = [a for a in _args(work, tmp_path / "w", "--max-train-steps", "3") if a != "--num-warmup-steps"]
+    argv.remove("2")  # the value after --num-warmup-steps: the tiny preset's 30 steps apply
+    args = T.resolve_args(build_parser().parse_args(["train", *argv]))
+    assert args.num_warmup_steps == 3 and "warming up over all 3 steps" in args.notes[0]
+    with pytest.raises(UserError, match="--num-warmup-steps must be in"):
+        T.resolve_args(build_parser().parse_args(["train", *argv, "--num-warmup-steps", "30"]))
+
+
+def test_tokenized_shards_train(work, tmp_path):
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.data.pretokenize import pretokenize
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+
+    tok = Tokenizer.from_pretrained(work["tok"])
+    for split in ("train", "valid"):
+        pretokenize(work[split], tok, tmp_path / split, show_progress=False)
+    argv = _args(work, tmp_path / "out", "--max-train-steps", "4", "--save-checkpoint-steps", "2",
+                 "--tokenized")
+    argv[argv.index("--dataset-name-train") + 1] = str(tmp_path / "train")
+    argv[argv.index("--dataset-name-valid") + 1] = str(tmp_path / "valid")
+    result = T.train(build_parser().parse_args(["train", *argv]))
+    assert result["step"] == 4 and math.isfinite(result["eval_loss"])
+    state = torch.load(tmp_path / "out" / "step_4" / "rank_0.pt", weights_only=True)
+    assert state["data"]["pipelines"][0]["source"]["taken"] == 4 * 4  # 4 steps of 4 windows
+
+
+def test_tokenized_shards_from_another_tokenizer_are_a_one_line_error(work, tmp_path, capsys):
+    from minicodeparrot.cli import main
+    from minicodeparrot.data.pretokenize import pretokenize
+    from minicodeparrot.sources.shards import iter_texts
+    from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
+
+    other = train_bpe(list(iter_texts(work["train"]))[:20], 280, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                      show_progress=False)
+    for split in ("train", "valid"):
+        pretokenize(work[split], other, tmp_path / split, show_progress=False)
+    argv = _args(work, tmp_path / "out", "--max-train-steps", "2", "--tokenized")
+    argv[argv.index("--dataset-name-train") + 1] = str(tmp_path / "train")
+    argv[argv.index("--dataset-name-valid") + 1] = str(tmp_path / "valid")
+    with pytest.raises(SystemExit) as e:
+        main(["train", *argv])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "tokenized with a vocabulary of 280 tokens but --tokenizer has 300" in errors[0]
+
+
+def test_unigram_baseline_is_the_entropy_of_token_frequencies():
+    from minicodeparrot.demo import unigram_entropy
+
+    assert unigram_entropy([[1, 2], [3, 4]]) == pytest.approx(math.log(4))
+    assert unigram_entropy([[7, 7, 7]]) == 0.0
+    p = [0.5, 0.25, 0.25]
+    assert unigram_entropy([[0, 0, 1, 2]]) == pytest.approx(-sum(x * math.log(x) for x in p))
