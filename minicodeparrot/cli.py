@@ -145,55 +145,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Pretrain GPT-2 on code. One process: `minicodeparrot train ...`; DDP: `torchrun "
         "--nproc_per_node=8 -m minicodeparrot train ...` (same arguments). Unset values come from --preset, "
         "then from the CodeParrot scripts' defaults.")
-    # Names follow the CodeParrot research scripts, so the book's command lines carry over.
-    p.add_argument("--preset", choices=["codeparrot-small", "codeparrot", "tiny"],
-                   help="the book's runs (per-GPU batch), or tiny: a small model that learns in CPU minutes")
-    p.add_argument("--model-config", help="architecture (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), a "
-                   "config.json, or a model directory to continue from (default gpt2)")
-    p.add_argument("--tokenizer", help="tokenizer directory (from train-tokenizer) or Hub repo id")
-    p.add_argument("--dataset-name-train", help="training data: shard dir/glob or hub repo (owner/name)")
-    p.add_argument("--dataset-name-valid", help="validation data, same forms")
-    p.add_argument("--tokenized", action="store_true",
-                   help="the datasets are pretokenized shards written by `minicodeparrot pretokenize`")
-    p.add_argument("--output-dir", required=True, help="checkpoints step_N/ and the final model go here "
-                   "(multi-node: on a filesystem every node shares)")
-    p.add_argument("--log-dir", help="per-rank debug_{rank}.log and TensorBoard (default OUTPUT_DIR/log)")
-    for flag, typ, what in [
-        ("--train-batch-size", int, "sequences per GPU per micro-step"),
-        ("--valid-batch-size", int, "sequences per GPU in evaluation"),
-        ("--weight-decay", float, "AdamW weight decay (default 0.1; never on biases and LayerNorm gains)"),
-        ("--record-shuffle-buffer", int, "files (records) in the streaming shuffle buffer before packing "
-         "(default 10000, the CodeParrot script's)"),
-        ("--sequence-shuffle-buffer", int, "packed sequences in the shuffle buffer after packing, so a "
-         "batch does not hold neighbouring pieces of one file (default 10000)"),
-        ("--learning-rate", float, "peak learning rate"),
-        ("--num-warmup-steps", int, "linear warmup steps"),
-        ("--gradient-accumulation-steps", int, "micro-steps per optimizer step"),
-        ("--max-train-steps", int, "optimizer steps; the schedule reaches 0 here"),
-        ("--max-eval-steps", int, "validation batches per rank (-1: all)"),
-        ("--seq-length", int, "tokens per sequence (default 1024)"),
-        ("--seed", int, "seed (default 1)"),
-        ("--save-checkpoint-steps", int, "evaluate and checkpoint every N optimizer steps"),
-        ("--keep-last", int, "checkpoints kept (default 3)"),
-        ("--data-workers", int, "background processes per rank that read, tokenize, pack and shuffle. "
-         "Default: 2 with a GPU (one worker tokenizes ~0.6-1M tokens/s of code, a GPU eats ~0.5M for "
-         "codeparrot-small; two leave headroom and fit 8 ranks in a 16-core node), 0 on a CPU (the model "
-         "needs the cores; 0 runs the pipeline in the training process)"),
-        ("--prefetch", int, "batches each data worker keeps ready (default 4)"),
-    ]:
-        p.add_argument(flag, type=typ, help=what)
-    p.add_argument("--lr-scheduler-type", choices=["cosine", "linear", "constant"], help="after warmup")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
-                   help="autocast dtype (fp16 adds a GradScaler)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each block's activations in backward (less memory, ~30%% more compute)")
-    p.add_argument("--zero", action=argparse.BooleanOptionalAction, default=None,
-                   help="shard AdamW's state across ranks (ZeRO-1; default on for --preset codeparrot)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (after DDP wrapping)")
-    p.add_argument("--resume-from-checkpoint", help="'latest' (in OUTPUT_DIR) or a step_N directory")
-    p.add_argument("--max-bad-steps", type=int, default=0,
-                   help="skip up to N steps with a non-finite loss before stopping (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # One flag per field of TrainConfig, named as in the CodeParrot research scripts, so the book's
+    # command lines carry over; the defaults and help texts live with the fields.
+    from minicodeparrot.training.config import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=_train)
 
 

@@ -116,7 +116,7 @@ def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.
     from minicodeparrot.sources.shards import iter_texts
     from minicodeparrot.tokenizer.bpe import Tokenizer
     from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
-    from minicodeparrot.training.train import PRESETS
+    from minicodeparrot.training.config import PRESETS
 
     if minutes <= 0 or vocab_size < 300:
         raise UserError("--minutes must be > 0 and --vocab-size at least 300")

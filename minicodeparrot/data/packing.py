@@ -88,7 +88,7 @@ class ConstantLengthDataset(IterableDataset):
     new epoch through `set_epoch` if it has one), as training wants; otherwise iteration ends with
     the source.
 
-    With DataLoader workers, each worker runs its own copy of this loop (and keeps its own
+    With data workers (data/loader.py), each worker runs its own copy of this loop (and keeps its own
     `tokens_total`/`tokens_dropped`), so the source must split itself across workers (`ShardStream`
     does). `state_dict()`/`load_state_dict()` give an exact resume when the dataset is iterated in
     the process that holds it (minicodeparrot.data.loader runs it in its workers and carries the state back).

@@ -1,6 +1,6 @@
 """Pretokenized binary shards: tokenize the corpus once, then train from a memory map.
 
-On-the-fly packing re-tokenizes every document on every epoch in the DataLoader workers; a
+On-the-fly packing re-tokenizes every document on every epoch in the data workers; a
 pure-Python BPE does a few hundred thousand tokens per second per core, while one GPU step of
 codeparrot-small eats ~100k tokens (docs/benchmarks.md). The CodeParrot scripts added a
 pretokenized dataset for that reason. Here `pretokenize()` writes the whole token stream once
@@ -223,7 +223,7 @@ def check_token_shards(spec: str | Path | list, vocab_size: int) -> None:
 
 
 class TokenShardDataset(IterableDataset):
-    """`LongTensor(seq_length)` windows from pretokenized shards, for DDP ranks and DataLoader workers.
+    """`LongTensor(seq_length)` windows from pretokenized shards, for DDP ranks and data workers.
 
     The windows are the non-overlapping `seq_length` blocks of each shard. Each epoch, all consumers
     (rank x worker) draw the same seeded permutation of all windows and consumer c of C takes
@@ -263,7 +263,7 @@ class TokenShardDataset(IterableDataset):
         self._resume: dict | None = None
 
     def __getstate__(self) -> dict:
-        # DataLoader workers started with spawn get a pickled copy: send paths, not mapped arrays.
+        # Data workers started with spawn get a pickled copy: send paths, not mapped arrays.
         return dict(self.__dict__, _maps=None)
 
     def set_epoch(self, epoch: int) -> None:

@@ -5,8 +5,8 @@ A CodeParrot shard is a gzip-compressed JSON-lines file, one record per line:
 uncompressed, so nothing here ever holds a whole file in memory: gzip is decompressed on the fly
 and records are parsed one line at a time.
 
-`ShardStream` is the `IterableDataset` for training. Under DDP each rank -- and inside a rank each
-DataLoader worker -- is one *consumer*; consumers must see disjoint parts of the data that together
+`ShardStream` is the record stream for training. Under DDP each rank -- and inside a rank each
+data worker (data/loader.py) -- is one *consumer*; consumers must see disjoint parts of the data that together
 cover all of it. With at least as many files as consumers, files are dealt round-robin (cheap: a
 consumer only decompresses its own files). With fewer files than consumers every consumer reads all
 files and keeps every C-th line, because otherwise some consumers would get nothing at all.
@@ -319,10 +319,12 @@ class ShardFileWriter:
 
 
 def consumer_index(split_by_rank: bool, rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(this consumer's id, number of consumers) over DDP ranks x DataLoader workers.
+    """(this consumer's id, number of consumers) over DDP ranks x workers of a torch DataLoader.
 
     Every data-parallel reader must see a disjoint part: with 2 ranks x 3 workers there are 6 readers,
-    and reader r*3+w is worker w of rank r. Explicit `rank`/`world_size` override the environment.
+    and reader r*3+w is worker w of rank r. Explicit `rank`/`world_size` override the environment. Our
+    own data workers (data/loader.py) pass their share as `rank`/`world_size`; the torch DataLoader case
+    is kept for users who wrap a ShardStream in one.
     """
     r, world = 0, 1
     if split_by_rank:
@@ -337,7 +339,7 @@ def consumer_index(split_by_rank: bool, rank: int | None, world_size: int | None
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Records of the shards for one DDP rank / DataLoader worker, with seeded shuffling and exact resume.
+    """Records of the shards for one DDP rank / data worker, with seeded shuffling and exact resume.
 
     Shuffling follows `datasets`: the file order is shuffled with seed+epoch, then the records pass a
     `shuffle.ShuffleBuffer` of `shuffle_buffer` records.
@@ -349,9 +351,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     this process: epoch, file, line within the file, the shuffle buffer and its RNG state. The buffer is
     stored as references (file, line), not as records: 10,000 real source files are ~100 MB of text, and
     a checkpoint per rank must stay small; resuming re-reads those lines (mostly from the last one or two
-    files, since a record rarely survives many thousand replacements). With DataLoader workers the
-    iteration happens in worker copies of this object, so the main process cannot see it; resume then
-    needs num_workers=0 (or minicodeparrot.data.loader, which carries the state back).
+    files, since a record rarely survives many thousand replacements). In a worker process the
+    iteration happens in the worker's copy of this object, so the main process cannot see it:
+    data/loader.py carries the state back with every batch.
     """
 
     def __init__(self, sources: Any, split_by_rank: bool = True, seed: int = 0, shuffle_files: bool = True,

@@ -1,27 +1,22 @@
 """The pretraining loop: CodeParrot's `codeparrot_training.py`, in plain PyTorch DDP.
 
 Launch with `minicodeparrot train ...` (one process) or `torchrun --nproc_per_node=8 -m minicodeparrot train
-...` (DDP, the same arguments). `train(args)` reads top to bottom as four named steps:
+...` (DDP, the same arguments). The file reads top down, as nanoGPT's train.py does:
 
-    run = set_up(args)                           # model, optimizer, data, logs; resume from a checkpoint
-    while step < max_train_steps:
-        stats = optimizer_step(run)              # accumulate micro-batches, clip, AdamW, LR schedule
-        log_metrics(step, stats)
-        every save_checkpoint_steps: evaluate(run), save(run)   # and on SIGTERM: save, then stop
-
-One optimizer step is:
-
-    for each of gradient_accumulation_steps micro-batches:   # DDP all-reduce only on the last one
-        loss = model(batch, labels=batch) / accumulation_steps; loss.backward()
-    clip grads to 1.0; AdamW step; LR scheduler step (warmup, then cosine to 0)
+    train(args)                    # config, process group, set_up, the loop, tear-down
+      train_loop(run)              # while step < max_train_steps: one optimizer step, log, evaluate, save
+        optimizer_step(run)        # accumulate micro-batches, clip, AdamW, LR schedule
+          accumulate_gradients     # forward + backward, DDP all-reduce on the last micro-batch only
+      evaluate(run), save(run)     # validation loss; a checkpoint step_N/
+    set_up(cfg, dist_info)         # model, optimizer, schedule, data, logs; resume from a checkpoint
+    ... then the helpers: building the model and optimizer, logging, signals.
 
 A GPU runs ahead of Python: kernels are queued and Python learns a value only when it asks for it
 (`.item()`, `.tolist()`, `float(t)`), which waits until the queue drains. The loop asks once per step, for
 one small tensor holding the loss, the grad norm and the stop flag together (`optimizer_step`).
 
-What a checkpoint holds, and why a resumed run on CPU reproduces the uninterrupted run's losses bit for
-bit: `training/checkpoint.py`. The command-line arguments live in `minicodeparrot/cli.py` (so `--help`
-stays fast without importing torch).
+The settings and their defaults live in `config.py` (`TrainConfig`). What a checkpoint holds, and why a
+resumed run on CPU reproduces the uninterrupted run's losses bit for bit: `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,99 +59,357 @@ from minicodeparrot.training.checkpoint import (
     set_rng_state,
 )
 from minicodeparrot.training.checkpoint import save_checkpoint as write_checkpoint
+from minicodeparrot.training.config import TrainConfig, config_dict, given_values, resolve_config
 from minicodeparrot.training.validation import evaluate_loss
 
-log = logging.getLogger("minicodeparrot.training.train")
-
-# The book's two runs (NLP with Transformers, ch. 10), per GPU; and a model that learns in CPU minutes.
-# `model_options` are settings of the architecture that a run implies: the 1.5B run used Mistral's
-# stability tweaks (scale attention by 1/layer, softmax in fp32), without which bf16 training diverged.
-PRESETS: dict[str, dict[str, Any]] = {
-    "codeparrot-small": dict(
-        model_config="gpt2", train_batch_size=12, valid_batch_size=12, learning_rate=5e-4,
-        num_warmup_steps=2000, max_train_steps=150_000, gradient_accumulation_steps=1,
-        gradient_checkpointing=False, mixed_precision="bf16", save_checkpoint_steps=15_000),
-    "codeparrot": dict(
-        model_config="gpt2-xl", train_batch_size=2, valid_batch_size=2, learning_rate=2e-4,
-        num_warmup_steps=750, max_train_steps=50_000, gradient_accumulation_steps=16,
-        gradient_checkpointing=True, mixed_precision="bf16", save_checkpoint_steps=5_000, zero=True,
-        model_options=dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True)),
-    "tiny": dict(
-        model_config="tiny", train_batch_size=8, valid_batch_size=16, learning_rate=3e-3,
-        num_warmup_steps=30, max_train_steps=400, gradient_accumulation_steps=1, seq_length=128,
-        record_shuffle_buffer=5000, sequence_shuffle_buffer=5000, save_checkpoint_steps=200,
-        mixed_precision="no"),
-}
-# What the CodeParrot scripts default to when neither the user nor a preset says otherwise.
-DEFAULTS: dict[str, Any] = dict(
-    model_config="gpt2", train_batch_size=8, valid_batch_size=8, weight_decay=0.1,
-    record_shuffle_buffer=10_000, sequence_shuffle_buffer=10_000, learning_rate=2e-4,
-    lr_scheduler_type="cosine", num_warmup_steps=750, gradient_accumulation_steps=16, max_train_steps=50_000,
-    max_eval_steps=-1, seq_length=1024, seed=1, save_checkpoint_steps=1024, keep_last=3, mixed_precision="no",
-    gradient_checkpointing=False, zero=False, data_workers=None, prefetch=4,
-)
+log = logging.getLogger("minicodeparrot.train")
 
 # Dense bf16 peak FLOP/s by device name, for MFU. Longest key first: "H100 PCIe" before "H100".
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-# --- arguments -------------------------------------------------------------------------------------------
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset arguments from the preset, then from DEFAULTS; reject impossible values in one line.
+# --- the run ---------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace | TrainConfig) -> dict:
+    """Run training (the `train` command's parsed arguments, or a TrainConfig); returns the final metrics,
+    identical on all ranks."""
+    if isinstance(args, TrainConfig):
+        cfg, notes = resolve_config(config_dict(args))
+    else:
+        cfg, notes = resolve_config(given_values(args), args.preset)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if cfg.data_workers is None:  # a GPU must never wait for tokenizing; a laptop has few cores to spare
+        cfg.data_workers = 2 if torch.cuda.is_available() else 0
+    dist_info = setup_distributed()
+    run = None
+    try:
+        run = set_up(cfg, dist_info, notes)
+        return train_loop(run)
+    finally:
+        if run is not None:
+            run.stop.restore()
+            run.train_data.close()  # the data workers end with the run, also when it fails
+            run.metrics.close()
+        teardown_distributed()
 
-    What was filled in is remembered in `args.notes`, to be logged once logging is set up.
+
+def train_loop(run: Run) -> dict:
+    """nanoGPT's loop: step, log, and every `save_checkpoint_steps` evaluate and save; stop on a signal."""
+    cfg = run.cfg
+    result: dict = {"step": run.step}
+    run.model.train()
+    while run.step < cfg.max_train_steps:
+        stats = optimizer_step(run)
+        if not stats["finite"]:  # nothing was updated: the step counter stays, the batches are spent
+            skip_bad_step(run, stats)
+            continue
+        run.step += 1  # counts optimizer updates taken, so it equals the scheduler's step count
+        run.metrics.log_metrics(run.step, step_metrics(run, stats))
+        result.update(step=run.step, loss=stats["loss"])
+
+        # The stop flag came through the step's all-reduce, so every rank sees it after the same step and
+        # all of them take part in the checkpoint's barriers.
+        last = run.step == cfg.max_train_steps
+        if run.step % cfg.save_checkpoint_steps == 0 or last:
+            result.update(evaluate(run))
+            run.metrics.log_metrics(run.step, {k: result[k] for k in ("eval_loss", "perplexity")})
+            save(run)
+        elif stats["stop"]:
+            save(run)
+        if stats["stop"] and not last:
+            log.warning("stopped at step %d by a signal; continue with --resume-from-checkpoint latest",
+                        run.step)
+            return {**result, "stopped": True}
+
+    if "eval_loss" not in result:  # resumed at the end: nothing left to train
+        result.update(evaluate(run))
+    save_final_model(run, result)
+    return result
+
+
+# --- one optimizer step ----------------------------------------------------------------------------------
+def optimizer_step(run: Run) -> dict:
+    """Take one optimizer step, or skip it when the loss is not finite; returns the step's statistics.
+
+    It does not advance `run.step`: the loop does, only for a step that updated the weights.
+
+    The one host-device synchronisation of the step is the `.tolist()` below: the loss, the stop flag and
+    the grad norm travel in one tensor. Deciding whether to skip the update needs the loss on the host, so
+    this wait cannot move later; everything else stays queued on the device.
     """
-    if args.preset and args.preset not in PRESETS:
-        raise UserError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS.get(args.preset, {}) if args.preset else {}
-    given = {key for key in DEFAULTS if getattr(args, key, None) is not None}
-    for key, default in DEFAULTS.items():
-        if key not in given:
-            setattr(args, key, preset.get(key, default))
-    args.model_options = preset.get("model_options", {})
-    if args.data_workers is None:  # a GPU must never wait for tokenizing; a laptop has few cores to spare
-        args.data_workers = 2 if torch.cuda.is_available() else 0
-    args.notes = []
-    if args.log_dir is None:
-        args.log_dir = str(Path(args.output_dir) / "log")
-    positive = ["train_batch_size", "valid_batch_size", "gradient_accumulation_steps", "max_train_steps",
-                "seq_length", "save_checkpoint_steps", "keep_last", "prefetch"]
-    for key in positive:
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if not args.learning_rate > 0:
-        raise UserError(f"--learning-rate must be positive, got {args.learning_rate}")
-    if args.weight_decay < 0:
-        raise UserError(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.num_warmup_steps > args.max_train_steps and "num_warmup_steps" not in given:
-        # The user shortened the run but never typed the preset's warmup: shorten the warmup with it.
-        args.notes.append(f"warmup {args.num_warmup_steps} steps (from the preset) is longer than "
-                          f"--max-train-steps {args.max_train_steps}: warming up over all "
-                          f"{args.max_train_steps} steps instead")
-        args.num_warmup_steps = args.max_train_steps
-    if args.num_warmup_steps < 0 or args.num_warmup_steps > args.max_train_steps:
-        raise UserError(f"--num-warmup-steps must be in [0, --max-train-steps={args.max_train_steps}], "
-                        f"got {args.num_warmup_steps}")
-    if args.max_eval_steps == 0 or args.max_eval_steps < -1:
-        raise UserError(f"--max-eval-steps must be -1 (all data) or >= 1, got {args.max_eval_steps}")
-    for key in ("record_shuffle_buffer", "sequence_shuffle_buffer", "data_workers"):
-        if getattr(args, key) < 0:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
-    if args.max_bad_steps < 0:
-        raise UserError(f"--max-bad-steps must be >= 0, got {args.max_bad_steps}")
-    if not args.dataset_name_train or not args.dataset_name_valid:
-        raise UserError("give the data: --dataset-name-train SRC --dataset-name-valid SRC (path or hub repo)")
-    if not args.tokenizer:
-        raise UserError("give --tokenizer DIR (a directory written by `minicodeparrot train-tokenizer`)")
-    return args
+    cfg, dist_info = run.cfg, run.dist_info
+    t0 = time.perf_counter()
+    micro, data_wait = [], 0.0
+    for _ in range(cfg.gradient_accumulation_steps):
+        t = time.perf_counter()
+        micro.append(next(run.batches))
+        data_wait += time.perf_counter() - t
+    loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.max_grad_norm)
+    # The loss differs per rank (each saw its own batches) and so may the stop flag: both are summed over
+    # ranks. The grad norm needs no collective: DDP already made the gradients equal on every rank. It only
+    # joins the summed pair so that all three reach the host in one wait.
+    flag = torch.tensor(float(run.stop.requested), device=dist_info.device)
+    loss_sum, stop_sum = all_reduce_sum(torch.stack([loss, flag]))
+    loss_mean, stop, norm = torch.stack([loss_sum, stop_sum, grad_norm.float()]).tolist()
+    loss_mean /= dist_info.world_size
+    # get_last_lr() before scheduler.step(): the LR this update used. Step 1's is 0, since warmup starts at
+    # factor 0/warmup; transformers' get_cosine_schedule_with_warmup does the same (the book's runs too).
+    stats = {"loss": loss_mean, "grad_norm": norm, "lr": run.scheduler.get_last_lr()[0], "stop": stop > 0,
+             "data_wait_s": data_wait, "finite": math.isfinite(loss_mean)}
+    if stats["finite"]:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+    # A skipped step's gradients must not leak into the next one: they are dropped here in both cases.
+    run.optimizer.zero_grad(set_to_none=True)
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
 
 
-def plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as JSON/checkpoint-safe values (no handler function, no notes)."""
-    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (int, float, str, bool))}
+def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], autocast,
+                         scaler) -> torch.Tensor:
+    """Forward + backward over the micro-batches; returns the mean loss (detached, still on the device).
+
+    Each loss is divided by the number of micro-batches k so the summed gradient is the gradient of the
+    mean, i.e. equal to one big batch. That is exact only because every micro-batch predicts the same
+    number of tokens: no label is ignored (packing leaves no padding), so each micro-batch's mean loss is
+    over (batch x (seq_length - 1)) tokens. With padding (ignore_index) the token counts would differ and
+    a mean of means would weigh tokens unequally.
+
+    Under DDP the all-reduce must happen once, after the last micro-batch: `no_sync()` must cover the
+    forward too, because DDP decides at forward time whether the coming backward synchronises (the
+    CodeParrot scripts wrapped only the backward, and so all-reduced on every micro-step).
+    """
+    k = len(micro_batches)
+    ddp = unwrap_ddp(model)
+    total = torch.zeros((), device=micro_batches[0].device)
+    for i, batch in enumerate(micro_batches):
+        with ddp.no_sync() if ddp is not None and i < k - 1 else nullcontext():
+            with autocast:
+                # labels = the inputs themselves: the model shifts them inside (position t is scored on
+                # token t+1), as GPT2LMHeadModel does, so no shifted copy of the batch is ever made.
+                _, loss = model(batch, labels=batch)
+            scaler.scale(loss / k).backward()
+        total += loss.detach().float()
+    return total / k
 
 
-# --- model -----------------------------------------------------------------------------------------------
+def skip_bad_step(run: Run, stats: dict) -> None:
+    """A non-finite loss: the update was skipped; stop with one line after `max_bad_steps` of them."""
+    run.bad_steps += 1
+    if run.bad_steps > run.cfg.max_bad_steps:
+        raise NonFiniteLossError(
+            f"loss is {stats['loss']} at step {run.step + 1}; lower --learning-rate or use "
+            "--mixed-precision bf16, then --resume-from-checkpoint latest (or --max-bad-steps N)")
+    log.warning("loss is %s at step %d: skipped that step (%d of %d allowed)", stats["loss"],
+                run.step + 1, run.bad_steps, run.cfg.max_bad_steps)
+
+
+def step_metrics(run: Run, stats: dict) -> dict:
+    """What one step logs: loss, LR, grad norm, throughput, input wait, samples seen, MFU on a known GPU."""
+    cfg, world = run.cfg, run.dist_info.world_size
+    tokens_per_s = tokens_per_step(run) / stats["seconds"]
+    metrics = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+               "tokens_per_s": tokens_per_s, "data_wait_s": stats["data_wait_s"], "step_s": stats["seconds"],
+               "samples": run.step * cfg.train_batch_size * cfg.gradient_accumulation_steps * world}
+    if run.peak_flops:
+        metrics["mfu"] = run.flops_per_token * tokens_per_s / (run.peak_flops * world)
+    return metrics
+
+
+def tokens_per_step(run: Run) -> int:
+    c = run.cfg
+    return c.train_batch_size * c.gradient_accumulation_steps * run.dist_info.world_size * c.seq_length
+
+
+# --- evaluation and checkpoints --------------------------------------------------------------------------
+def evaluate(run: Run) -> dict:
+    """Validation loss and perplexity over this rank's share of the validation set, summed over ranks."""
+    cfg, dist_info = run.cfg, run.dist_info
+    loader = build_valid_loader(
+        cfg.dataset_name_valid, run.tokenizer, seq_length=cfg.seq_length, batch_size=cfg.valid_batch_size,
+        tokenized=cfg.tokenized, rank=dist_info.rank, world_size=dist_info.world_size,
+        num_workers=cfg.data_workers, device=dist_info.device)
+    # The unwrapped model: DDP's forward would prepare a gradient all-reduce that never comes, and every
+    # rank holds the same weights anyway. Ranks may get different numbers of batches; evaluate_loss sums
+    # loss and token counts over ranks, so the result is the exact mean over all validation tokens.
+    with loader:
+        result = evaluate_loss(run.raw_model, loader, cfg.max_eval_steps, run.autocast)
+    log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
+    return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
+
+
+def save(run: Run) -> None:
+    """Checkpoint step_N/ (collective: every rank writes its own RNG and data state)."""
+    rank_state = {"rng": rng_state(), "data": run.train_data.state_dict()}
+    path = write_checkpoint(Path(run.cfg.output_dir), run.step, run.raw_model, run.optimizer, run.scheduler,
+                            run.scaler, rank_state, {"args": config_dict(run.cfg)}, run.cfg.keep_last,
+                            run.dist_info.rank, run.dist_info.world_size)
+    log.info("saved checkpoint %s", path)
+
+
+def save_final_model(run: Run, result: dict) -> None:
+    """Rank 0 writes the model and tokenizer in the Hugging Face layout; the others wait for the files."""
+    if run.dist_info.is_main:
+        run.raw_model.save_pretrained(run.cfg.output_dir)
+        run.tokenizer.save_pretrained(run.cfg.output_dir)
+        log.info("saved the final model and tokenizer to %s", run.cfg.output_dir)
+        run.metrics.close({k: v for k, v in config_dict(run.cfg).items() if v is not None},
+                          {"eval_loss": result["eval_loss"]})
+    barrier()  # the other ranks wait for rank 0's files, so "the run ended" means they are complete
+
+
+# --- set-up ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything one training run holds, built by `set_up`."""
+
+    cfg: TrainConfig
+    dist_info: DistInfo
+    tokenizer: Any
+    raw_model: nn.Module  # the GPT itself: checkpoints, evaluation, FLOP counts
+    model: nn.Module  # what the step runs: raw_model inside DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    train_data: Any  # the train loader: iterate it for batches; state_dict() is the data position
+    batches: Iterator[torch.Tensor]  # the loader's iterator, the one the steps draw from
+    metrics: MetricsLog
+    stop: StopRequest
+    flops_per_token: float
+    peak_flops: float | None
+    step: int = 0  # optimizer updates taken (skipped non-finite steps do not count)
+    bad_steps: int = 0
+
+
+def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = ()) -> Run:
+    """Build the model, optimizer, schedule and data; resume from a checkpoint if asked to."""
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(cfg.log_dir), dist_info.rank)
+    log.info("world size %d, device %s", dist_info.world_size, dist_info.device)
+    log.debug("config %s", json.dumps(config_dict(cfg)))
+    for note in notes:
+        log.info("%s", note)
+    # fp32 matmuls (the parts autocast leaves in fp32) on TF32 tensor cores: 10-bit mantissas are plenty
+    # for training and several times faster on A100/H100; CPU runs are unaffected.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+    if cfg.tokenized:  # before anything is built: a mismatch is found in seconds, not at step 1
+        for spec in (cfg.dataset_name_train, cfg.dataset_name_valid):
+            check_token_shards(spec, len(tokenizer))
+    raw_model, optimizer = build_model_and_optimizer(cfg, dist_info, tokenizer)
+    scheduler = make_scheduler(optimizer, cfg.num_warmup_steps, cfg.max_train_steps, cfg.lr_scheduler_type)
+    # bf16 keeps fp32's exponent range, so gradients cannot underflow and need no scaling; fp16 does,
+    # hence the GradScaler (disabled, and a no-op, unless --mixed-precision fp16).
+    scaler = torch.amp.GradScaler(dist_info.device.type, enabled=cfg.mixed_precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    train_data = build_train_loader(
+        cfg.dataset_name_train, tokenizer, seq_length=cfg.seq_length, seed=cfg.seed,
+        batch_size=cfg.train_batch_size, record_shuffle_buffer=cfg.record_shuffle_buffer,
+        sequence_shuffle_buffer=cfg.sequence_shuffle_buffer, tokenized=cfg.tokenized,
+        rank=dist_info.rank, world_size=dist_info.world_size, num_workers=cfg.data_workers,
+        prefetch=cfg.prefetch, device=dist_info.device)
+    step = resume(cfg, dist_info, raw_model, optimizer, scheduler, scaler, train_data)
+    run = Run(
+        cfg=cfg, dist_info=dist_info, tokenizer=tokenizer, raw_model=raw_model,
+        model=wrap_model(raw_model, dist_info, cfg.compile), optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, autocast=torch.autocast(dist_info.device.type, dtype=amp_dtype,
+                                               enabled=amp_dtype is not None),
+        train_data=train_data, batches=first_batch_logged(iter(train_data)),
+        metrics=MetricsLog(cfg, dist_info, step), stop=StopRequest(),
+        flops_per_token=raw_model.estimate_flops_per_token(cfg.seq_length),
+        peak_flops=peak_flops(dist_info.device), step=step)
+    if dist_info.is_main:
+        (output_dir / "train_args.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
+        (output_dir / "environment.json").write_text(json.dumps(environment(dist_info), indent=2) + "\n")
+        log.info("model: %.1fM parameters, %.3g FLOPs/token; %d tokens per optimizer step",
+                 raw_model.num_parameters() / 1e6, run.flops_per_token, tokens_per_step(run))
+    return run
+
+
+def build_model_and_optimizer(cfg: TrainConfig, dist_info: DistInfo, tokenizer) -> tuple[nn.Module, Any]:
+    """The seeded model, on its device, and AdamW (or ZeRO-1) over its parameters."""
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    # On a GPU the vocabulary is padded to a multiple of 64: the output projection's matmul then maps onto
+    # whole tensor-core tiles (32768 already is one; GPT-2's 50257 is not).
+    pad_vocab = 64 if dist_info.device.type == "cuda" else 1
+    options = dict(scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+                   reorder_and_upcast_attn=cfg.reorder_and_upcast_attn)
+    raw_model = build_model(cfg.model_config, len(tokenizer), cfg.seq_length, tokenizer.eos_token_id,
+                            pad_vocab=pad_vocab, model_options=options)
+    raw_model.gradient_checkpointing = cfg.gradient_checkpointing
+    # On the device before the optimizer exists: fused AdamW and ZeRO's partitions take the parameters'
+    # device as it is when they are built.
+    raw_model.to(dist_info.device)
+    torch.manual_seed(cfg.seed + dist_info.rank)  # but different dropout masks per rank
+    if cfg.zero and dist_info.world_size == 1:
+        log.info("--zero has nothing to shard in a single process: plain AdamW")
+    optimizer = make_optimizer(raw_model, cfg.learning_rate, cfg.weight_decay,
+                               fused=dist_info.device.type == "cuda", zero=cfg.zero)
+    return raw_model, optimizer
+
+
+def resume(cfg: TrainConfig, dist_info: DistInfo, raw_model, optimizer, scheduler, scaler, train_data) -> int:
+    """Load the checkpoint `--resume-from-checkpoint` names, if any; returns the step to continue from."""
+    if not cfg.resume_from_checkpoint:
+        return 0
+    path = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
+    if path is None:
+        log.info("no checkpoint in %s yet: starting from step 0", cfg.output_dir)
+        return 0
+    state = load_checkpoint(path, raw_model, optimizer, scheduler, scaler, dist_info.rank,
+                            dist_info.world_size)
+    train_data.load_state_dict(state["rank_state"]["data"])
+    # Last: building the model and the data above drew random numbers; the restored generators must
+    # continue exactly where the interrupted run's stood after its checkpoint.
+    set_rng_state(state["rank_state"]["rng"])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def environment(dist_info: DistInfo) -> dict:
+    """What produced this run: the code's git commit, package versions, torch/CUDA, the devices.
+
+    Two runs that disagree can then be told apart by their environment.json before anyone reads code.
+    """
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cuda = torch.cuda.is_available()
+    return {
+        "git_commit": commit, "python": platform.python_version(), "platform": platform.platform(),
+        "packages": {n: version(n) for n in ("minicodeparrot", "torch", "numpy", "regex", "requests", "tqdm",
+                                             "tensorboard")},
+        "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda
+        else [platform.processor() or platform.machine()],
+        "world_size": dist_info.world_size,
+    }
+
+
+# --- building blocks -------------------------------------------------------------------------------------
 def build_model(model_config: str, vocab_size: int, seq_length: int, eos_token_id: int | None = None,
                 pad_vocab: int = 1, model_options: dict | None = None) -> nn.Module:
     """A fresh GPT from an architecture name or a config.json, or the weights of a model directory."""
@@ -218,7 +471,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-# --- optimizer and schedule ------------------------------------------------------------------------------
+def unwrap_ddp(model: nn.Module) -> DDP | None:
+    """The DDP module inside a torch.compile wrapper (or the model itself), or None without DDP."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DDP) else None
+
+
 def decay_parameter_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """(decayed, not decayed) parameter names, by GPT-2's naming.
 
@@ -282,91 +540,7 @@ def make_scheduler(optimizer, warmup: int, total: int, kind: str):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# --- one optimizer step ----------------------------------------------------------------------------------
-def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], autocast,
-                         scaler) -> torch.Tensor:
-    """Forward + backward over the micro-batches; returns the mean loss (detached, still on the device).
-
-    Each loss is divided by the number of micro-batches so the summed gradient is the gradient of the mean,
-    i.e. equal to one big batch. Under DDP the all-reduce must happen once, after the last micro-batch:
-    `no_sync()` must cover the forward too, because DDP decides at forward time whether the coming backward
-    synchronises (the CodeParrot scripts wrapped only the backward, and so all-reduced on every micro-step).
-    """
-    k = len(micro_batches)
-    ddp = unwrap_ddp(model)
-    total = torch.zeros((), device=micro_batches[0].device)
-    for i, batch in enumerate(micro_batches):
-        with ddp.no_sync() if ddp is not None and i < k - 1 else nullcontext():
-            with autocast:
-                _, loss = model(batch, labels=batch)
-            scaler.scale(loss / k).backward()
-        total += loss.detach().float()
-    return total / k
-
-
-def unwrap_ddp(model: nn.Module) -> DDP | None:
-    """The DDP module inside a torch.compile wrapper (or the model itself), or None without DDP."""
-    model = getattr(model, "_orig_mod", model)
-    return model if isinstance(model, DDP) else None
-
-
-@dataclass
-class Run:
-    """Everything one training run holds, built by `set_up`."""
-
-    args: argparse.Namespace
-    dist_info: DistInfo
-    tokenizer: Any
-    raw_model: nn.Module  # the GPT itself: checkpoints, evaluation, FLOP counts
-    model: nn.Module  # what the step runs: raw_model inside DDP and/or torch.compile
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    autocast: Any
-    train_data: Any
-    metrics: MetricsLog
-    stop: StopRequest
-    step: int = 0
-    bad_steps: int = 0
-    batches: Any = field(default=None, repr=False)
-
-
-def optimizer_step(run: Run) -> dict:
-    """Take one optimizer step, or skip it when the loss is not finite; returns the step's statistics.
-
-    The one host-device synchronisation of the step is the `.tolist()` below: the loss, the grad norm and
-    the stop flag travel in one tensor, after one all-reduce. Deciding whether to skip the update needs the
-    loss on the host, so this wait cannot move later; everything else stays queued on the device.
-    """
-    args, dist_info = run.args, run.dist_info
-    t0 = time.perf_counter()
-    micro, data_wait = [], 0.0
-    for _ in range(args.gradient_accumulation_steps):
-        t = time.perf_counter()
-        micro.append(next(run.batches))
-        data_wait += time.perf_counter() - t
-    loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler)
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), 1.0)
-    flag = torch.tensor(float(run.stop.requested), device=dist_info.device)
-    # Under DDP the gradients (so the grad norm) are already equal on every rank: only the loss needs a sum.
-    shared = all_reduce_sum(torch.stack([loss, flag, grad_norm.float() * dist_info.world_size]))
-    loss_sum, stop_sum, norm_sum = shared.tolist()
-    stats = {"loss": loss_sum / dist_info.world_size, "grad_norm": norm_sum / dist_info.world_size,
-             "lr": run.scheduler.get_last_lr()[0], "stop": stop_sum > 0, "data_wait_s": data_wait}
-    if math.isfinite(stats["loss"]):
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.scheduler.step()
-        run.step += 1
-    stats["finite"] = math.isfinite(stats["loss"])
-    # A skipped step's gradients must not leak into the next one: they are dropped here in both cases.
-    run.optimizer.zero_grad(set_to_none=True)
-    stats["seconds"] = time.perf_counter() - t0
-    return stats
-
-
-# --- logging ---------------------------------------------------------------------------------------------
+# --- logging, signals ------------------------------------------------------------------------------------
 def setup_logging(log_dir: Path, rank: int) -> None:
     """One log file per rank; rank 0 also reports INFO on stderr, the others only warnings."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -394,19 +568,19 @@ class MetricsLog:
 
     TENSORBOARD_NAMES = {"loss": "loss/train", "eval_loss": "loss/eval"}
 
-    def __init__(self, args: argparse.Namespace, dist_info: DistInfo, start_step: int) -> None:
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, start_step: int) -> None:
         self.writer = self.file = self.bar = None
         self.data_wait = self.wall = 0.0
         if not dist_info.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(args.log_dir) / "tensorboard"))
-        self.file = open(Path(args.output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 -- closed in close()
-        if not args.no_progress:
+        self.writer = SummaryWriter(log_dir=str(Path(cfg.log_dir) / "tensorboard"))
+        self.file = open(Path(cfg.output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 -- closed in close()
+        if cfg.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=args.max_train_steps, initial=start_step, desc="train", unit="step",
+            self.bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True)
 
     def log_metrics(self, step: int, metrics: dict) -> None:
@@ -493,7 +667,6 @@ class NonFiniteLossError(UserError):
     """The loss became NaN/inf: continuing would only write a broken checkpoint over a good one."""
 
 
-# --- data ------------------------------------------------------------------------------------------------
 def first_batch_logged(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
     """The batches, after writing the first one's checksum to the debug log (one wait for the device, once
     per run): two ranks with the same checksum would be training on the same data."""
@@ -501,184 +674,3 @@ def first_batch_logged(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor
     log.debug("first batch of this run: first sequence sums to %d", int(batch[0].sum()))
     yield batch
     yield from batches
-
-
-# --- the run ---------------------------------------------------------------------------------------------
-def set_up(args: argparse.Namespace, dist_info: DistInfo) -> Run:
-    """Build the model, optimizer, schedule and data; resume from a checkpoint if asked to."""
-    from minicodeparrot.tokenizer.bpe import Tokenizer
-
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(Path(args.log_dir), dist_info.rank)
-    log.info("world size %d, device %s", dist_info.world_size, dist_info.device)
-    log.debug("args %s", json.dumps(plain_args(args)))
-    for note in args.notes:
-        log.info("%s", note)
-    # fp32 matmuls (the parts autocast leaves in fp32) on TF32 tensor cores: 10-bit mantissas are plenty
-    # for training and several times faster on A100/H100; CPU runs are unaffected.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    if args.tokenized:  # before anything is built: a mismatch is found in seconds, not at step 1
-        for spec in (args.dataset_name_train, args.dataset_name_valid):
-            check_token_shards(spec, len(tokenizer))
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    # On a GPU the vocabulary is padded to a multiple of 64: the output projection's matmul then maps onto
-    # whole tensor-core tiles (32768 already is one; GPT-2's 50257 is not).
-    pad_vocab = 64 if dist_info.device.type == "cuda" else 1
-    raw_model = build_model(args.model_config, len(tokenizer), args.seq_length, tokenizer.eos_token_id,
-                            pad_vocab=pad_vocab, model_options=args.model_options)
-    raw_model.gradient_checkpointing = args.gradient_checkpointing
-    # On the device before the optimizer exists: fused AdamW and ZeRO's partitions take the parameters'
-    # device as it is when they are built.
-    raw_model.to(dist_info.device)
-    torch.manual_seed(args.seed + dist_info.rank)  # but different dropout masks per rank
-    if args.zero and dist_info.world_size == 1:
-        log.info("--zero has nothing to shard in a single process: plain AdamW")
-    optimizer = make_optimizer(raw_model, args.learning_rate, args.weight_decay,
-                               fused=dist_info.device.type == "cuda", zero=args.zero)
-    # bf16 keeps fp32's exponent range, so gradients cannot underflow and need no scaling; fp16 does,
-    # hence the GradScaler (disabled, and a no-op, unless --mixed-precision fp16).
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    run = Run(
-        args=args, dist_info=dist_info, tokenizer=tokenizer, raw_model=raw_model,
-        model=wrap_model(raw_model, dist_info, args.compile), optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, args.num_warmup_steps, args.max_train_steps,
-                                 args.lr_scheduler_type),
-        scaler=torch.amp.GradScaler(dist_info.device.type, enabled=args.mixed_precision == "fp16"),
-        autocast=torch.autocast(dist_info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-        train_data=build_train_loader(
-            args.dataset_name_train, tokenizer, seq_length=args.seq_length, seed=args.seed,
-            batch_size=args.train_batch_size, record_shuffle_buffer=args.record_shuffle_buffer,
-            sequence_shuffle_buffer=args.sequence_shuffle_buffer, tokenized=args.tokenized,
-            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=args.data_workers,
-            prefetch=args.prefetch, device=dist_info.device),
-        metrics=None, stop=StopRequest())
-    if args.resume_from_checkpoint:
-        path = resolve_resume(args.resume_from_checkpoint, output_dir)
-        if path is None:
-            log.info("no checkpoint in %s yet: starting from step 0", output_dir)
-        else:
-            state = load_checkpoint(path, raw_model, optimizer, run.scheduler, run.scaler, dist_info.rank,
-                                    dist_info.world_size)
-            run.step = state["step"]
-            run.train_data.load_state_dict(state["rank_state"]["data"])
-            # Last: building the model and the data above drew random numbers; the restored generators
-            # must continue exactly where the interrupted run's stood after its checkpoint.
-            set_rng_state(state["rank_state"]["rng"])
-            log.info("resumed from %s at step %d", path, run.step)
-    run.batches = first_batch_logged(iter(run.train_data))
-    run.metrics = MetricsLog(args, dist_info, run.step)
-    if dist_info.is_main:
-        (output_dir / "train_args.json").write_text(json.dumps(plain_args(args), indent=2) + "\n")
-        log.info("model: %.1fM parameters, %.3g FLOPs/token; %d tokens per optimizer step",
-                 raw_model.num_parameters() / 1e6, raw_model.estimate_flops_per_token(args.seq_length),
-                 tokens_per_step(run))
-    return run
-
-
-def tokens_per_step(run: Run) -> int:
-    a = run.args
-    return a.train_batch_size * a.gradient_accumulation_steps * run.dist_info.world_size * a.seq_length
-
-
-def evaluate(run: Run) -> dict:
-    """Validation loss and perplexity over this rank's share of the validation set, summed over ranks."""
-    args, dist_info = run.args, run.dist_info
-    loader = build_valid_loader(
-        args.dataset_name_valid, run.tokenizer, seq_length=args.seq_length, batch_size=args.valid_batch_size,
-        tokenized=args.tokenized, rank=dist_info.rank, world_size=dist_info.world_size,
-        num_workers=args.data_workers, device=dist_info.device)
-    # The unwrapped model: DDP's forward would prepare a gradient all-reduce that never comes, and every
-    # rank holds the same weights anyway. Ranks may get different numbers of batches; evaluate_loss sums
-    # loss and token counts over ranks, so the result is the exact mean over all validation tokens.
-    with loader:
-        result = evaluate_loss(run.raw_model, loader, args.max_eval_steps, run.autocast)
-    log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
-    return {"eval_loss": result["loss"], "perplexity": result["perplexity"]}
-
-
-def save(run: Run) -> None:
-    """Checkpoint step_N/ (collective: every rank writes its own RNG and data state)."""
-    rank_state = {"rng": rng_state(), "data": run.train_data.state_dict()}
-    path = write_checkpoint(Path(run.args.output_dir), run.step, run.raw_model, run.optimizer, run.scheduler,
-                            run.scaler, rank_state, {"args": plain_args(run.args)}, run.args.keep_last,
-                            run.dist_info.rank, run.dist_info.world_size)
-    log.info("saved checkpoint %s", path)
-
-
-def train(args: argparse.Namespace) -> dict:
-    """Run training; returns the final metrics (identical on all ranks)."""
-    args = resolve_args(args)
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    dist_info = setup_distributed()
-    run = None
-    try:
-        run = set_up(args, dist_info)
-        return train_loop(run)
-    finally:
-        if run is not None:
-            run.stop.restore()
-            run.train_data.close()  # the data workers end with the run, also when it fails
-            if run.metrics is not None:
-                run.metrics.close()
-        teardown_distributed()
-
-
-def train_loop(run: Run) -> dict:
-    args = run.args
-    flops_per_token = run.raw_model.estimate_flops_per_token(args.seq_length)
-    peak = peak_flops(run.dist_info.device)
-    result: dict = {"step": run.step}
-    run.model.train()
-    while run.step < args.max_train_steps:
-        stats = optimizer_step(run)
-        if not stats["finite"]:
-            run.bad_steps += 1
-            if run.bad_steps > args.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"loss is {stats['loss']} at step {run.step + 1}; lower --learning-rate or use "
-                    "--mixed-precision bf16, then --resume-from-checkpoint latest (or --max-bad-steps N)")
-            log.warning("loss is %s at step %d: skipped that step (%d of %d allowed)", stats["loss"],
-                        run.step + 1, run.bad_steps, args.max_bad_steps)
-            continue
-        tokens_per_s = tokens_per_step(run) / stats["seconds"]
-        metrics = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                   "tokens_per_s": tokens_per_s, "data_wait_s": stats["data_wait_s"],
-                   "step_s": stats["seconds"],
-                   "samples": run.step * args.train_batch_size * args.gradient_accumulation_steps
-                   * run.dist_info.world_size}
-        if peak:
-            metrics["mfu"] = flops_per_token * tokens_per_s / (peak * run.dist_info.world_size)
-        run.metrics.log_metrics(run.step, metrics)
-        result.update(step=run.step, loss=stats["loss"])
-
-        # The stop flag came through the step's all-reduce, so every rank sees it after the same step and
-        # all of them take part in the checkpoint's barriers.
-        last = run.step == args.max_train_steps
-        if run.step % args.save_checkpoint_steps == 0 or last:
-            result.update(evaluate(run))
-            run.metrics.log_metrics(run.step, {k: result[k] for k in ("eval_loss", "perplexity")})
-            save(run)
-        elif stats["stop"]:
-            save(run)
-        if stats["stop"] and not last:
-            log.warning("stopped at step %d by a signal; continue with --resume-from-checkpoint latest",
-                        run.step)
-            return {**result, "stopped": True}
-
-    if "eval_loss" not in result:  # resumed at the end: nothing left to train
-        result.update(evaluate(run))
-    if run.dist_info.is_main:
-        run.raw_model.save_pretrained(args.output_dir)
-        run.tokenizer.save_pretrained(args.output_dir)
-        log.info("saved the final model and tokenizer to %s", args.output_dir)
-        run.metrics.close({k: v for k, v in plain_args(args).items() if v is not None},
-                          {"eval_loss": result["eval_loss"]})
-    barrier()  # the other ranks wait for rank 0's files, so "the run ended" means they are complete
-    return result

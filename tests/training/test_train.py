@@ -576,10 +576,14 @@ def test_preset_warmup_is_clamped_but_a_given_one_is_checked(work, tmp_path):
 
     argv = [a for a in _args(work, tmp_path / "w", "--max-train-steps", "3") if a != "--num-warmup-steps"]
     argv.remove("2")  # the value after --num-warmup-steps: the tiny preset's 30 steps apply
-    args = T.resolve_args(build_parser().parse_args(["train", *argv]))
-    assert args.num_warmup_steps == 3 and "warming up over all 3 steps" in args.notes[0]
+    from minicodeparrot.training.config import given_values, resolve_config
+
+    args = build_parser().parse_args(["train", *argv])
+    cfg, notes = resolve_config(given_values(args), args.preset)
+    assert cfg.num_warmup_steps == 3 and "warming up over all 3 steps" in notes[0]
     with pytest.raises(UserError, match="--num-warmup-steps must be in"):
-        T.resolve_args(build_parser().parse_args(["train", *argv, "--num-warmup-steps", "30"]))
+        args = build_parser().parse_args(["train", *argv, "--num-warmup-steps", "30"])
+        resolve_config(given_values(args), args.preset)
 
 
 def test_tokenized_shards_train(work, tmp_path):
@@ -628,3 +632,49 @@ def test_unigram_baseline_is_the_entropy_of_token_frequencies():
     assert unigram_entropy([[7, 7, 7]]) == 0.0
     p = [0.5, 0.25, 0.25]
     assert unigram_entropy([[0, 0, 1, 2]]) == pytest.approx(-sum(x * math.log(x) for x in p))
+
+
+def test_max_grad_norm_bounds_the_first_update(work, tmp_path):
+    """A tiny clip norm shrinks every gradient to a few times AdamW's eps, so step 1 barely moves the
+    weights; with the default 1.0 the same step moves them by about the learning rate."""
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.model.gpt import GPT
+
+    before = _initial_weights(work, tmp_path / "init")
+    moved = {}
+    for norm in ("1.0", "1e-9"):
+        out = tmp_path / f"n{norm}"
+        argv = _args(work, out, "--max-train-steps", "1", "--num-warmup-steps", "0", "--max-grad-norm", norm)
+        T.train(build_parser().parse_args(["train", *argv]))
+        after = GPT.from_pretrained(out).state_dict()
+        moved[norm] = max((after[k].float() - before[k].float()).abs().max().item() for k in after)
+    assert moved["1.0"] > 1e-3 and moved["1e-9"] < moved["1.0"] / 10
+
+
+def _initial_weights(work, out) -> dict:
+    """The weights the run starts from: the seeded model, before any step."""
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.dist import DistInfo
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+    from minicodeparrot.training.config import given_values, resolve_config
+
+    args = build_parser().parse_args(["train", *_args(work, out)])
+    cfg, _ = resolve_config(given_values(args), args.preset)
+    model, _ = T.build_model_and_optimizer(cfg, DistInfo(0, 0, 1, torch.device("cpu")),
+                                           Tokenizer.from_pretrained(work["tok"]))
+    return model.state_dict()
+
+
+def test_run_records_its_config_and_environment(work, tmp_path):
+    import importlib.metadata
+
+    from minicodeparrot.cli import build_parser
+
+    out = tmp_path / "env"
+    T.train(build_parser().parse_args(["train", *_args(work, out, "--max-train-steps", "2")]))
+    recorded = json.loads((out / "train_args.json").read_text())
+    assert recorded["max_train_steps"] == 2 and recorded["seq_length"] == 32 and recorded["progress"] is False
+    env = json.loads((out / "environment.json").read_text())
+    assert env["packages"]["torch"] == importlib.metadata.version("torch")
+    assert env["world_size"] == 1 and env["devices"]
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40

@@ -47,7 +47,7 @@ def encode_batch(encode: Encode, texts: Sequence[str], num_workers: int | None =
     if num_workers is None:
         num_workers = min(cpu_count(), 8)
     total = sum(map(len, texts))
-    # Daemonic processes (e.g. DataLoader workers) may not have children: encode in-process there.
+    # Daemonic processes (e.g. a torch DataLoader's workers) may not have children: encode in-process there.
     in_daemon = multiprocessing.current_process().daemon
     if num_workers <= 1 or len(texts) < 2 or total < PARALLEL_MIN_CHARS or in_daemon:
         return [encode(t, parse_special=parse_special) for t in texts]
