@@ -128,6 +128,11 @@ class HubServer:
         self.close()
 
 
+def commit_oid(n: int) -> str:
+    """A stand-in for the git commit id after the repo's n-th commit."""
+    return hashlib.sha1(str(n).encode()).hexdigest()
+
+
 def etag_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -227,13 +232,15 @@ class _Handler(BaseHTTPRequestHandler):
             what = b"Repository not found" if repo not in self.hub.repos else b"Entry not found"
             self._send(404, b'{"error":"' + what + b'"}')
             return
+        # huggingface_hub refuses answers without X-Repo-Commit (the commit the revision points to).
+        commit = {"X-Repo-Commit": commit_oid(len(self.hub.commits.get(repo[1], [])))}
         if not file.name.endswith(LFS_SUFFIXES):
-            self._body(file, head)
+            self._body(file, head, commit)
             return
         host = f"http://localhost:{self.hub.port}" if self.hub.cross_host else self.hub.url
         location = f"{host}/cdn/{repo[0]}/{repo[1]}/{quote(path)}?X-Signature=abc123"
         self._send(302, b"", {"Location": location, "X-Linked-Etag": f'"{etag_of(file)}"',
-                              "X-Linked-Size": str(file.stat().st_size)}, head=True)
+                              "X-Linked-Size": str(file.stat().st_size), **commit}, head=True)
 
     def _fault(self, kind: str, size: int):
         fault = self.hub.next_fault(kind, size)
@@ -248,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None  # then answer normally (the client may have given up by then)
         return fault  # "cut", "ignore_range", "shift_range" and "replace" act in _body
 
-    def _body(self, file: Path | None, head: bool) -> None:
+    def _body(self, file: Path | None, head: bool, extra_headers: dict | None = None) -> None:
         if file is None:
             self._send(404, b'{"error":"Entry not found"}')
             return
@@ -259,7 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             file.write_bytes(fault[1])
         data = file.read_bytes()
         etag = f'"{etag_of(file)}"'
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+                   **(extra_headers or {})}
         status, start = 200, 0
         range_header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
@@ -415,7 +423,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.commits.setdefault(repo[1], []).append(
                 {"summary": lines[0]["value"]["summary"],
                  "files": {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}})
-            oid = hashlib.sha1(str(len(self.hub.commits[repo[1]])).encode()).hexdigest()
+            oid = commit_oid(len(self.hub.commits[repo[1]]))
         self._send(200, json.dumps({"commitUrl": f"{self.hub.url}/{repo[1]}/commit/{oid}",
                                     "commitOid": oid}).encode(), {"Content-Type": "application/json"})
 
@@ -426,7 +434,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if head:
+        if head or self.command == "HEAD":  # a HEAD answer has no body, whatever its status
             return
         if cut_after is None:
             self.wfile.write(body)
