@@ -79,6 +79,7 @@ class HubServer:
         self.lfs_store: dict[str, bytes] = {}
         self.upload_faults: deque = deque()
         self._upload_random: tuple[float, random.Random] | None = None
+        self.random_upload_faults = 0  # how many upload_fault_rate drew
         self._write_lock = threading.Lock()
         self._random: tuple[float, random.Random] | None = None
         self._lock = threading.Lock()
@@ -104,6 +105,7 @@ class HubServer:
             if kind == "upload" and self._upload_random is not None:
                 rate, rng = self._upload_random
                 if rng.random() < rate:
+                    self.random_upload_faults += 1
                     return rng.choice([("status", 500), ("status", 502), ("status", 503),
                                        ("status", 429, "0"), ("drop",)])
             if kind == "body" and self._random is not None:
