@@ -5,6 +5,8 @@ Read in this order:
                      the LR schedule), then set-up: model, optimizer, data, logs, resume.
 2. `checkpoint.py` - what a checkpoint holds, how it is written atomically, why resume is exact.
 3. `validation.py` - the validation loss as an exact token mean across ranks.
+4. `hub_push.py`   - --push-to-hub: each save uploaded beside training by a worker thread; failed pushes
+                     ride on the next save, the last one is retried at the end, none crashes the run.
 
 The process group itself is `minicodeparrot/dist.py`. Skip on a first reading: the signal
 handling and the metrics plumbing at the end of `train.py`.

@@ -175,6 +175,7 @@ def test_upload_command(server: HubServer, model_dir: Path, capsys) -> None:
     assert hub_files(server) == local_files(model_dir)
 
 
+@pytest.mark.slow
 def test_transformers_loads_the_pushed_repo(server: HubServer, model_dir: Path) -> None:
     """The real huggingface_hub client (in a subprocess: it reads HF_ENDPOINT at import) downloads what we
     pushed, and GPT2LMHeadModel gives the logits our model gives."""
