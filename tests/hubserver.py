@@ -385,6 +385,9 @@ class _Handler(BaseHTTPRequestHandler):
                    {"Content-Type": "application/vnd.git-lfs+json"})
 
     def _lfs_put(self, oid: str, body: bytes) -> None:
+        if not body:  # storage services refuse empty uploads (S3: 501)
+            self._send(501, b'{"error":"empty body"}')
+            return
         if hashlib.sha256(body).hexdigest() != oid:
             self._send(400, b'{"error":"sha256 mismatch"}')
             return

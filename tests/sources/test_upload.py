@@ -108,12 +108,12 @@ def test_large_text_file_goes_through_lfs(server: HubServer, tmp_path: Path) -> 
     folder.mkdir()
     (folder / "big.txt").write_text("x" * 5000)
     (folder / "small.txt").write_text("y")
-    (folder / "empty.txt").write_text("")
+    (folder / "empty.safetensors").write_bytes(b"")  # "lfs" by name, but empty: it must go inline
     (folder / ".hidden").write_text("secret")
     with pytest.warns(UserWarning, match="1 hidden file"):
         upload_folder(folder, REPO, "texts")
     assert [p for m, p, _ in server.log if m == "PUT"] == [f"/lfs-store/{sha(folder / 'big.txt')}"]
-    assert set(hub_files(server)) == {"big.txt", "small.txt", "empty.txt"}
+    assert set(hub_files(server)) == {"big.txt", "small.txt", "empty.safetensors"}
 
 
 def test_every_request_kind_retried_on_5xx_and_drops(server: HubServer, model_dir: Path) -> None:

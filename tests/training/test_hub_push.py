@@ -159,3 +159,14 @@ def test_rejected_token_never_crashes_training(server: HubServer, tmp_path: Path
     assert f"minicodeparrot upload {snapshot} me/run" in caplog.text
     assert (snapshot / "model.safetensors").is_file()  # nothing lost: the last state waits on disk
     assert server.commits == {}
+
+
+def test_close_retries_a_failed_last_push(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    folder = tmp_path / "out"
+    state = save(folder, 7, tokenizer)
+    server.upload_faults.extend([("status", 503)] * hub.RETRY.attempts)  # the last push fails...
+    pusher = HubPusher(REPO, tmp_path / "staging")
+    pusher.push(7, folder)
+    assert pusher.close() == []  # ...and the final push at close() delivers it
+    assert [c["summary"] for c in server.commits[REPO]] == ["step 7"]
+    assert server.commits[REPO][0]["files"] == state
