@@ -33,7 +33,11 @@ def commit_message(steps: list[int]) -> str:
 
 
 class HubPusher:
-    """Background uploads of checkpoint folders to one Hub model repo (see the module docstring)."""
+    """Background uploads of checkpoint folders to one Hub model repo (see the module docstring).
+
+    Use: `pusher = HubPusher("owner/name", output_dir / "hub-push", private)` once; after each save
+    `pusher.push(step, folder)` (folder: config.json, model.safetensors, tokenizer files, metrics.jsonl);
+    at the end of the run `pusher.close()`, which returns the steps that could not be pushed."""
 
     def __init__(self, repo_id: str, staging_dir: str | Path, private: bool = False, final_tries: int = 3):
         self.repo_id, self.private, self.final_tries = repo_id, private, final_tries
@@ -49,6 +53,9 @@ class HubPusher:
 
     def push(self, step: int, folder: str | Path) -> None:
         """Queue `folder` as the state at `step`; returns once the folder is copied."""
+        if self._closing:  # the worker is gone: this state would wait forever without a word
+            log.error("hub push: step %d handed over after close(); it is not pushed", step)
+            return
         try:
             snapshot = self.staging_dir / f"step_{step}"
             shutil.rmtree(snapshot, ignore_errors=True)
