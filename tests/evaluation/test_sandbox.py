@@ -173,6 +173,13 @@ def _escapes(tmp: str, tcp: int, udp: int, unix: str, abstract: str, victim: int
         "disk_many_files": "for i in range(100_000):\n    open(f'f{i}', 'wb').write(bytes(1 << 16))\n",
         # the limits themselves
         "raise_rlimit": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n",
+    }
+    return {name: DISARM + body for name, body in (attempts | _round_two(tmp)).items()}
+
+
+def _round_two(tmp: str) -> dict[str, str]:
+    """The classes a second attack round found open: IPC, metadata, unix sockets, descriptors, tasks."""
+    return {
         # IPC: the host's System V segment (read its secret) and POSIX queue (delete it)
         "ipc_host_shm": LIBC + f"i = libc.shmget({SHM_KEY}, 0, 0)\nfail(i)\n"
                         "p = libc.shmat(i, None, 0)\nraise ValueError(ctypes.string_at(p, 12))\n",
@@ -220,7 +227,6 @@ def _escapes(tmp: str, tcp: int, udp: int, unix: str, abstract: str, victim: int
                       "    raise RuntimeError(f'{e} after {n} threads') from None\n"
                       "raise ValueError('started 3000 threads')\n",
     }
-    return {name: DISARM + body for name, body in attempts.items()}
 
 
 def _programs(tmp: str) -> dict[str, str]:
