@@ -339,10 +339,11 @@ def confine(work: str, max_file_mb: int, cgroup: str) -> list[str]:
         pass
     namespaces = enter_namespaces(ctypes, libc)
     if not task_cap and os.geteuid() != 0:
-        # Counted per user namespace: in our own one, only our tasks; outside it, all of this user's.
-        cap = TASK_CAP if "user" in namespaces else 1
-        resource.setrlimit(resource.RLIMIT_NPROC, (cap - 1, cap - 1))  # tasks besides the main thread
-        task_cap = f"task cap {cap} (rlimit)"
+        # Counted per user namespace: in our own one, only our tasks; outside it, all of this user's
+        # processes, so there the only safe cap is no new task at all.
+        limit = TASK_CAP if "user" in namespaces else 0
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        task_cap = f"task cap {limit or 1} (rlimit)"
     try:
         if "mnt" in namespaces:
             mount_tmpfs_quota(ctypes, libc, work, max_file_mb)

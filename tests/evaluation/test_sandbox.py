@@ -438,8 +438,10 @@ def test_the_audit_hook_refuses_first(outcome):
 
 def test_writes_inside_the_temp_dir_and_threads_are_fine(outcome):
     assert outcome["results"]["write_inside"].status == PASSED
-    # seccomp lets clone with CLONE_THREAD through, and the task cap leaves room for a few.
-    assert outcome["results"]["threads"].status == PASSED, outcome["results"]["threads"]
+    # seccomp lets clone with CLONE_THREAD through, and the task cap leaves room for a few, except where
+    # RLIMIT_NPROC can only count all of a non-root user's processes (no user namespace): none then.
+    r = outcome["results"]["threads"]
+    assert r.status == PASSED or (os.geteuid() != 0 and not KERNEL["userns"] and "new thread" in r.reason), r
 
 
 def test_a_program_can_switch_the_audit_hook_off(outcome):
