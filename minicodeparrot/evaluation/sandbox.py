@@ -130,17 +130,32 @@ class Sandbox:
                str(memory_mb), str(max_file_mb), "1" if require_isolation else "0", self._cgroup or "-"]
         self.start = time.perf_counter()
         self.deadline = self.start + timeout + _STARTUP_GRACE
-        with theirs, open(self._out_path, "wb") as out:
-            self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env,
-                pass_fds=(theirs.fileno(),),
-                start_new_session=True,  # its own process group, so we can kill all it started
-            )
+        try:
+            with theirs, open(self._out_path, "wb") as out:
+                self._proc = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env,
+                    pass_fds=(theirs.fileno(),),
+                    start_new_session=True,  # its own process group, so we can kill all it started
+                )
+        except BaseException:
+            self._channel.close()
+            if self._cgroup:
+                _remove_task_cgroup(self._cgroup)
+            self._tmp.cleanup()
+            raise
+        try:
+            self._start(program)
+        except BaseException:  # no child, cgroup or temp dir outlives an interrupted start
+            self.__exit__()
+            raise
+
+    def _start(self, program: str) -> None:
+        """Hand the program over; read what confines the child, then how the program's top level went."""
         try:
             self._proc.stdin.write(program.encode("utf-8", "surrogatepass"))
             self._proc.stdin.close()
             first = self._receive()
-            if first[0] == "isolation" and type(first[1]) is str:
+            if len(first) == 2 and first[0] == "isolation" and type(first[1]) is str:
                 self.isolation = first[1]
             self.outcome, self.reason = self._outcome(self._receive())
         except (OSError, ChildGone, ChildTimeout) as e:  # BrokenPipeError: it died before reading
@@ -199,7 +214,10 @@ class Sandbox:
         self._channel.settimeout(max(0.001, self.deadline - time.perf_counter()))
         try:
             self._channel.sendall(len(data).to_bytes(4, "big") + data)
-        except OSError as e:  # it closed its end, or stopped reading until the deadline
+        except TimeoutError as e:  # it stopped reading until the deadline
+            self.killed = True
+            raise ChildTimeout(f"killed after {self.timeout + _STARTUP_GRACE:g} s wall clock") from e
+        except OSError as e:  # it closed its end
             raise ChildGone("the program ended before answering") from e
         reply = self._receive()
         if reply[0] == "ok" and len(reply) == 2:

@@ -690,13 +690,15 @@ marker = {marker!r}
 run = sandbox.run_program(f"open({{marker!r}}, 'w')", require_isolation=True)
 problem = humaneval.load_problems()["HumanEval/0"]
 check = checker.check_completion(problem, problem["canonical_solution"], require_isolation=True)
-try:
-    cli.main({argv!r})
-    code = 0
-except SystemExit as e:
-    code = e.code
+codes = []
+for argv in {argvs!r}:
+    try:
+        cli.main(argv)
+        codes.append(0)
+    except SystemExit as e:
+        codes.append(e.code)
 print(json.dumps({{"run": run.reason, "run_status": run.status, "check": check.reason,
-                  "check_status": check.status, "cli": code, "isolation": run.isolation}}))
+                  "check_status": check.status, "cli": codes, "isolation": run.isolation}}))
 """
 
 
@@ -704,9 +706,12 @@ def test_require_isolation_fails_closed_when_confinement_fails(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n"}) + "\n")
     marker = str(tmp_path / "ran")
-    argv = ["humaneval", "--samples", str(samples), "--limit", "1", "--allow-code-execution",
-            "--require-isolation", "--no-progress", "--output-dir", str(tmp_path / "out")]
-    script = _WITHOUT_LANDLOCK.format(repo=str(REPO), marker=marker, argv=argv)
+    scoring = ["humaneval", "--samples", str(samples), "--limit", "1", "--allow-code-execution",
+               "--require-isolation", "--no-progress", "--output-dir", str(tmp_path / "out")]
+    # No model at that path: the refusal must come first, not a model-loading error minutes later.
+    generating = ["humaneval", "--model", str(tmp_path / "no-model"), "--allow-code-execution",
+                  "--require-isolation", "--output-dir", str(tmp_path / "out")]
+    script = _WITHOUT_LANDLOCK.format(repo=str(REPO), marker=marker, argvs=[scoring, generating])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.splitlines()[-1])
@@ -715,5 +720,6 @@ def test_require_isolation_fails_closed_when_confinement_fails(tmp_path):
         assert got[f"{key}_status"] == FAILED
         assert got[key].startswith("sandbox: kernel isolation required but landlock not in force"), got
     assert not os.path.exists(marker)
-    assert got["cli"] == 2 and "kernel isolation is required" in out.stderr and "no landlock" in out.stderr
+    assert got["cli"] == [2, 2] and out.stderr.count("kernel isolation is required but") == 2, out.stderr
+    assert "(no landlock:" in out.stderr
     assert not (tmp_path / "out").exists()  # refused before any sample ran or any result was written
