@@ -337,7 +337,10 @@ def confine(work: str, max_file_mb: int, cgroup: str) -> list[str]:
             task_cap = f"task cap {TASK_CAP} (pids cgroup)"
     except OSError:
         pass
-    namespaces = enter_namespaces(ctypes, libc)
+    try:
+        namespaces = enter_namespaces(ctypes, libc)
+    except OSError:  # the id maps could not be written: report none rather than guess
+        namespaces = []
     if not task_cap and os.geteuid() != 0:
         # Counted per user namespace: in our own one, only our tasks; outside it, all of this user's
         # processes, so there the only safe cap is no new task at all.
