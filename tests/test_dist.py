@@ -15,11 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from minicodeparrot.dist import _attempt_store
 from minicodeparrot.training.checkpoint import list_checkpoints
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -75,12 +79,6 @@ def _losses(out: Path) -> dict[int, float]:
     return {d["step"]: d["loss"] for d in map(json.loads, lines) if "loss" in d}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _trainer_of(agent: int) -> int:
     """The pid of the trainer torchrun's agent `agent` runs (its child running minicodeparrot)."""
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -118,18 +116,76 @@ def _check(ref: Path, cut: Path, logs: str) -> None:
     assert (cut / "step_12.tmp").is_dir() and f"step_{STEPS}" in [p.name for p in list_checkpoints(cut)]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _attempt(ranks: list[int], world: int, delay: float = 0.0) -> list[dist.Store]:
+    """Run `_attempt_store` for `ranks` concurrently (one thread each, `delay` s apart) as one attempt's
+    workers would; the stores they got, in rank order."""
+    got: dict[int, dist.Store] = {}
+
+    def worker(rank: int) -> None:
+        got[rank] = _attempt_store(rank, world)
+
+    threads = []
+    for rank in ranks:
+        threads.append(threading.Thread(target=worker, args=(rank,), daemon=True))
+        threads[-1].start()
+        time.sleep(delay)
+    for t in threads:
+        t.join(timeout=20)
+    assert sorted(got) == sorted(ranks), "the attempt's ranks never agreed"
+    return [got[r] for r in sorted(got)]
+
+
+def _same_namespace(a: dist.Store, b: dist.Store) -> bool:
+    key = f"probe{time.monotonic_ns()}"
+    a.set(key, "1")
+    return b.check([key])
+
+
+def test_every_rank_of_an_attempt_gets_the_same_fresh_namespace(monkeypatch):
+    """Agreement survives what a plain per-rank counter does not: a rank of an earlier attempt that died
+    halfway through joining (its agent's other workers never arrived), then rank 0 arriving first and
+    finding only the dead rank's leftovers."""
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    first = _attempt([0, 1], 2)
+    assert _same_namespace(*first)
+    # A rank 1 that starts joining and is SIGKILLed before any rank 0 of its attempt shows up.
+    ghost = subprocess.Popen([sys.executable, "-c", "from minicodeparrot.dist import _attempt_store; "
+                              "print('joining', flush=True); _attempt_store(1, 2)"],
+                             env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             stdout=subprocess.PIPE, text=True)
+    assert ghost.stdout.readline() == "joining\n"
+    time.sleep(1.0)
+    ghost.kill()
+    ghost.wait()
+    later = _attempt([0, 1], 2, delay=0.5)  # rank 0 first: it meets the dead rank's leftovers
+    assert _same_namespace(*later)
+    assert not _same_namespace(first[0], later[0]) and not _same_namespace(later[1], first[1])
+    again = _attempt([1, 0], 2, delay=0.5)  # and rank 1 first
+    assert _same_namespace(*again) and not _same_namespace(again[0], later[0])
+    del server
+
+
 @pytest.mark.slow
 def test_restart_after_sigkill_resumes_bit_exactly(work, tmp_path):
     launch = ["--standalone"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     full = subprocess.run([*_torchrun(*launch), *_train_args(work, ref)], env=ENV, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=150)
     assert full.returncode == 0, full.stderr[-3000:]
     proc = subprocess.Popen([*_torchrun(*launch), *_train_args(work, cut)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         _kill_after_first_checkpoint(cut, proc, [])
-        logs, _ = proc.communicate(timeout=300)
+        logs, _ = proc.communicate(timeout=150)
     finally:
         proc.kill()
     assert proc.returncode == 0, logs[-3000:]
@@ -151,7 +207,7 @@ def test_two_nodes_restart_when_one_nodes_trainer_dies(work, tmp_path):
     nodes = launch(ref, _free_port()) + launch(cut, _free_port())
     try:
         _kill_after_first_checkpoint(cut, nodes[3], [nodes[2]])
-        logs = [p.communicate(timeout=300)[0] for p in nodes]
+        logs = [p.communicate(timeout=150)[0] for p in nodes]
     finally:
         for p in nodes:
             p.kill()
