@@ -176,6 +176,8 @@ def test_every_rank_of_an_attempt_gets_the_same_fresh_namespace(monkeypatch):
 
 @pytest.mark.slow
 def test_restart_after_sigkill_resumes_bit_exactly(work, tmp_path):
+    """One process: the restarted trainer resumes from step_8, not from the half-written step_12.tmp. (A
+    one-rank group has no peer to misdial; the stale-address failure needs two ranks, as in the next test.)"""
     launch = ["--standalone"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     full = subprocess.run([*_torchrun(*launch), *_train_args(work, ref)], env=ENV, capture_output=True,
