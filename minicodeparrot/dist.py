@@ -84,13 +84,13 @@ _KEYS = "minicodeparrot/"  # everything this module keeps in torchrun's store li
 def _attempt_store(rank: int, world: int) -> dist.PrefixStore:
     """This attempt's own namespace in the torchrun agent's store, the same on every rank of the attempt.
 
-    The attempt needs a number every rank agrees on. TORCHELASTIC_RESTART_COUNT will not do: each node's
-    agent counts its own restarts, so nodes disagree once one of them restarted alone (pytorch #108158).
-    A shared counter that every rank bumps once per attempt (number = value // world) is not enough
-    either: a rank killed before it bumped leaves its attempt short, and every later attempt then splits
-    across two numbers and never forms. What does hold: torchrun stops every worker of an attempt, on
-    every node, before any worker of the next one starts. So stale keys only ever come from dead processes,
-    and what a live process writes cannot be confused with theirs if it carries a fresh random nonce.
+    The attempt needs a number every rank agrees on. TORCHELASTIC_RESTART_COUNT will not do: a node's agent
+    counts only the restarts its own workers caused, so after one node's worker dies the nodes disagree
+    (pytorch #108158). A shared counter every rank bumps once per attempt (number = (value-1) // world) is
+    not enough either: a rank killed before it bumped leaves its attempt short, and every later attempt
+    then splits across two numbers and never forms. What does hold: torchrun stops every worker of an
+    attempt, on every node, before any worker of the next one starts. So stale keys only ever come from dead
+    processes, and what a live process writes cannot be confused with theirs if it carries a fresh nonce.
 
     Rank 0 (every attempt has one) takes the next number from a counter: numbers are unique and growing,
     gaps left by attempts that died early do not matter. Every other rank writes a fresh nonce under its
