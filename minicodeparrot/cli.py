@@ -266,7 +266,8 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the untrusted completions (sandboxed; still, use a throw-away VM or container)")
     p.add_argument("--require-isolation", action="store_true",
-                   help="refuse to run anything unless the kernel gives the sandbox Landlock and seccomp")
+                   help="refuse to run anything unless the sandbox gets Landlock, seccomp, an IPC namespace "
+                        "and a task cap")
     p.add_argument("--generate-only", action="store_true",
                    help="with --model: only write samples.jsonl, execute nothing")
     p.add_argument("--tokenizer", help="with --model: tokenizer directory (default: the model directory)")
