@@ -322,9 +322,54 @@ def preprocess(dataset, output_dir: str | os.PathLike, tokenizer: str | os.PathL
 
     Returns the summary (also written to output_dir/summary.json): input count, records removed per
     filter in REMOVAL_REASONS order, kept/train/valid counts, shard paths.
+
+    Two passes: the filters and exact dedup stream every record once (survivors go straight to the
+    output shards, or, with near-dedup, to a staging file beside their MinHash signatures); then
+    near-dedup clusters the signatures and copies the staged records that are not near-duplicates.
     """
     from minicodeparrot.sources.shards import BadRecords, iter_records, resolve_sources
 
+    split = _check_arguments(output_dir, tokenizer, options, samples_per_file, split_validation)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    removed = dict.fromkeys(REMOVAL_REASONS, 0)
+    bad = BadRecords()
+    sink = _Sink(output_dir, samples_per_file, split, options.seed)
+    staging = output_dir / ".near-dedup-staging.jsonl" if options.near_deduplication else None
+    records = iter_records(resolve_sources(dataset), text_field=text_field, stats=bad)
+    tokenizer_path = str(tokenizer) if tokenizer is not None else None
+    n_input, signatures, exempt = _filter_pass(records, options, tokenizer_path, num_workers, text_field,
+                                               removed, sink, staging, show_progress)
+    clusters_info: list[list[dict]] = []
+    if staging is not None:
+        clusters_info = _near_dedup(staging, signatures, exempt, options.jaccard_threshold, text_field)
+        remove = {e["base_index"] for c in clusters_info for e in c if not e["is_extreme"]}
+        for i, rec in enumerate(read_jsonl(staging)):
+            if i in remove:
+                removed["near_duplicate"] += 1
+            else:
+                sink.write(rec)
+        staging.unlink()
+        with open(output_dir / "duplicate_clusters.json", "w", encoding="utf-8") as f:
+            json.dump(clusters_info, f, ensure_ascii=False)
+    train, valid = sink.close()
+    summary = {
+        "input": n_input, "bad_records": bad.as_dict(), "removed": removed,
+        "kept": sink.train.count + sink.valid.count, "train": sink.train.count, "valid": sink.valid.count,
+        "near_duplicate_clusters": len(clusters_info),
+        "skipped_filters": [] if tokenizer is not None else ["char_token_ratio (no --tokenizer given)"],
+        "files": [p.relative_to(output_dir).as_posix() for p in train + valid],
+        "options": {**asdict(options), "tokenizer": tokenizer_path, "samples_per_file": samples_per_file,
+                    "split_validation": split},
+    }
+    with open(output_dir / "summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _check_arguments(output_dir, tokenizer, options: CleanOptions, samples_per_file: int,
+                     split_validation) -> float | int | None:
+    """One line per impossible setting, before anything is read; returns the parsed validation split."""
     if samples_per_file < 1:
         raise UserError(f"--samples-per-file must be at least 1, got {samples_per_file}")
     if not 0.0 < options.jaccard_threshold <= 1.0:
@@ -337,24 +382,23 @@ def preprocess(dataset, output_dir: str | os.PathLike, tokenizer: str | os.PathL
     output_dir = Path(output_dir)
     if any(output_dir.glob("file-*.json.gz")) or any(output_dir.glob("*/file-*.json.gz")):
         raise UserError(f"{output_dir} already holds shards; choose an empty --output directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    sources = resolve_sources(dataset)
+    return split
 
-    removed = dict.fromkeys(REMOVAL_REASONS, 0)
-    bad = BadRecords()
+
+def _filter_pass(records, options: CleanOptions, tokenizer_path: str | None, num_workers: int,
+                 text_field: str, removed: dict, sink: _Sink, staging: Path | None,
+                 show_progress: bool) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+    """Filters 1-10 over every record: counts removals in `removed`, writes survivors to `sink` (or, for
+    near-dedup, to `staging`, keeping their signature rows). Returns (records read, signatures, exempt)."""
     seen: set[str] = set()
     n_input = 0
-    sink = _Sink(output_dir, samples_per_file, split, options.seed)
-    staging = output_dir / ".near-dedup-staging.jsonl"
-    stage = open(staging, "wb") if options.near_deduplication else None
     signatures: list[np.ndarray] = []
     exempt: list[np.ndarray] = []
+    stage = open(staging, "wb") if staging is not None else None  # noqa: SIM115 -- closed in finally
     bar = tqdm(desc="preprocess", unit="file", disable=not show_progress)
-    records = iter_records(sources, text_field=text_field, stats=bad)
-    tokenizer_path = str(tokenizer) if tokenizer is not None else None
     try:
-        analysed = _analysed(records, options, tokenizer_path, num_workers, text_field)
-        for chunk, (stats, reasons, sigs) in analysed:
+        for chunk, (stats, reasons, sigs) in _analysed(records, options, tokenizer_path, num_workers,
+                                                       text_field):
             row, rows = 0, []  # signature rows (one per record that passed filters 2-10) of the kept records
             for rec, st, reason in zip(chunk, stats, reasons, strict=True):
                 n_input += 1
@@ -381,37 +425,7 @@ def preprocess(dataset, output_dir: str | os.PathLike, tokenizer: str | os.PathL
     finally:
         if stage is not None:
             stage.close()
-
-    clusters_info: list[list[dict]] = []
-    if options.near_deduplication:
-        clusters_info = _near_dedup(staging, signatures, exempt, options.jaccard_threshold, text_field)
-        remove = {e["base_index"] for c in clusters_info for e in c if not e["is_extreme"]}
-        for i, rec in enumerate(read_jsonl(staging)):
-            if i in remove:
-                removed["near_duplicate"] += 1
-            else:
-                sink.write(rec)
-        staging.unlink()
-        with open(output_dir / "duplicate_clusters.json", "w", encoding="utf-8") as f:
-            json.dump(clusters_info, f, ensure_ascii=False)
-    train, valid = sink.close()
-
-    summary = {
-        "input": n_input,
-        "bad_records": bad.as_dict(),
-        "removed": removed,
-        "kept": sink.train.count + sink.valid.count,
-        "train": sink.train.count,
-        "valid": sink.valid.count,
-        "near_duplicate_clusters": len(clusters_info),
-        "skipped_filters": [] if tokenizer is not None else ["char_token_ratio (no --tokenizer given)"],
-        "files": [p.relative_to(output_dir).as_posix() for p in train + valid],
-        "options": {**asdict(options), "tokenizer": tokenizer_path, "samples_per_file": samples_per_file,
-                    "split_validation": split},
-    }
-    with open(output_dir / "summary.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return n_input, signatures, exempt
 
 
 def _near_dedup(staging: Path, signatures: list[np.ndarray], exempt: list[np.ndarray], threshold: float,
