@@ -601,7 +601,8 @@ def test_tokenized_shards_train(work, tmp_path):
     result = T.train(build_parser().parse_args(["train", *argv]))
     assert result["step"] == 4 and math.isfinite(result["eval_loss"])
     state = torch.load(tmp_path / "out" / "step_4" / "rank_0.pt", weights_only=True)
-    assert state["data"]["pipelines"][0]["source"]["taken"] == 4 * 4  # 4 steps of 4 windows
+    # 4 steps of 4 windows, one window from each of the 4 streams per step (streams default to the global batch)
+    assert [v["source"]["taken"] for v in state["data"]["streams"].values()] == [4, 4, 4, 4]
 
 
 def test_tokenized_shards_from_another_tokenizer_are_a_one_line_error(work, tmp_path, capsys):
