@@ -266,7 +266,8 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the untrusted completions (sandboxed; still, use a throw-away VM or container)")
     p.add_argument("--require-isolation", action="store_true",
-                   help="refuse to run anything unless the kernel gives the sandbox Landlock and seccomp")
+                   help="refuse to run anything unless the sandbox gets Landlock, seccomp, an IPC namespace "
+                        "and a task cap")
     p.add_argument("--generate-only", action="store_true",
                    help="with --model: only write samples.jsonl, execute nothing")
     p.add_argument("--tokenizer", help="with --model: tokenizer directory (default: the model directory)")
@@ -294,6 +295,28 @@ def _humaneval(args: argparse.Namespace) -> None:
     humaneval_command(args)
 
 
+# --- the Hub (issue 22) -------------------------------------------------------------------------
+def _add_upload(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upload", help="push a model folder to a Hugging Face Hub model repo as one commit",
+        description="Uploads every file of DIRECTORY (hidden ones skipped) to REPO_ID, creating the repo if "
+                    "missing; large files go through Git LFS. HF_TOKEN (write access) and HF_ENDPOINT are "
+                    "honoured. Training's --push-to-hub does the same at every checkpoint.")
+    p.add_argument("directory", help="the folder: config.json, model.safetensors, tokenizer files, ...")
+    p.add_argument("repo_id", help="owner/name of the model repo")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps "
+                                                          "its visibility)")
+    p.add_argument("--message", help="commit message (default: upload DIRECTORY's name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_upload)
+
+
+def _upload(args: argparse.Namespace) -> None:
+    from minicodeparrot.sources.upload import upload_command
+
+    upload_command(args)
+
+
 # -----------------------------------------------------------------------------------------------
 def _todo(args: argparse.Namespace) -> None:
     raise UserError(f"'{args.command}' is not implemented yet")
@@ -309,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train, _add_demo,
         _add_preprocess, _add_pretokenize,
         _add_evaluate_loss, _add_humaneval,
+        _add_upload,
     ):
         add(sub)
     return parser

@@ -1,9 +1,10 @@
 """HumanEval pass@k: problems, sampling completions, running them in our sandbox, the unbiased estimator.
 
 It follows the CodeParrot harness: the prompt is `<|endoftext|>` + prompt.strip(), samples are drawn
-with temperature 0.2, top_p 0.95, up to 256 new tokens, and cut with `remove_last_block`. Each sample
-becomes `prompt + completion + test + check(entry_point)` and runs in `evaluation/sandbox.py`; pass@k
-uses the unbiased estimator of Chen et al. (2021).
+with temperature 0.2, top_p 0.95, up to 256 new tokens, and cut with `remove_last_block`. Each sample's
+`prompt + completion` runs in `evaluation/sandbox.py` and the task's `check` runs in this process
+against it (`evaluation/checker.py`), so a program cannot forge its pass; pass@k uses the unbiased
+estimator of Chen et al. (2021).
 """
 
 from __future__ import annotations
@@ -90,11 +91,6 @@ def write_samples(path: Path, samples: list[dict]) -> None:
             f.write(json.dumps(s) + "\n")
 
 
-def build_program(problem: dict, completion: str) -> str:
-    """The program the harness runs: the function (prompt + completion), its tests, and the call."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
-
-
 # --- pass@k ------------------------------------------------------------------------------------
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) from n samples of which c passed.
@@ -135,27 +131,28 @@ def score_samples(
     samples are left out of pass@k and listed, not silently dropped. `isolation` is what the sandbox
     confines programs with here (sandbox.check_isolation).
     """
-    from minicodeparrot.evaluation.sandbox import check_isolation, run_programs
+    from minicodeparrot.evaluation.checker import check_completions
+    from minicodeparrot.evaluation.sandbox import check_isolation
 
     isolation = check_isolation(require_isolation)  # before anything runs: refuses or warns
     start = time.perf_counter()
-    programs = [build_program(problems[s["task_id"]], s["completion"]) for s in samples]
-    results = run_programs(programs, timeout=timeout, num_workers=num_workers, show_progress=show_progress,
-                           require_isolation=require_isolation)
-    tasks: dict[str, dict] = {}
+    tasks = [(problems[s["task_id"]], s["completion"]) for s in samples]
+    results = check_completions(tasks, timeout=timeout, num_workers=num_workers, show_progress=show_progress,
+                                require_isolation=require_isolation)
+    counts: dict[str, dict] = {}
     per_sample = []
     for s, r in zip(samples, results, strict=True):
-        t = tasks.setdefault(s["task_id"], {"n": 0, "c": 0})
+        t = counts.setdefault(s["task_id"], {"n": 0, "c": 0})
         t["n"] += 1
         t["c"] += r.passed
         per_sample.append({"task_id": s["task_id"], "completion": s["completion"], "passed": r.passed,
                            "result": r.status, "reason": r.reason, "seconds": round(r.seconds, 4)})
-    tasks = {tid: tasks[tid] for tid in problems if tid in tasks}  # problem order, not arrival order
+    counts = {tid: counts[tid] for tid in problems if tid in counts}  # problem order, not arrival order
     return {
-        "pass@k": estimate_pass_at_k((t["n"], t["c"]) for t in tasks.values()),
-        "tasks": tasks,
+        "pass@k": estimate_pass_at_k((t["n"], t["c"]) for t in counts.values()),
+        "tasks": counts,
         "samples": per_sample,
-        "tasks_without_samples": [tid for tid in problems if tid not in tasks],
+        "tasks_without_samples": [tid for tid in problems if tid not in counts],
         "execution_seconds": time.perf_counter() - start,
         "isolation": isolation,
     }

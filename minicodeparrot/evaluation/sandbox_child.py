@@ -1,36 +1,49 @@
-"""The inside of the sandbox: a child process confines itself with the kernel, then runs one program.
+"""The inside of the sandbox: a child process confines itself with the kernel, runs one program, then
+answers calls to the functions it defined.
 
-`sandbox.run_program` loads this file in a fresh `python -I -B` and calls `main()` with argv
-`TOKEN_FD RESULT_FD TIMEOUT MEMORY_MB MAX_FILE_MB REQUIRE` and the program on stdin. It imports only the
+`sandbox.Sandbox` loads this file in a fresh `python -I -B` and calls `main()` with argv
+`CHANNEL_FD TIMEOUT MEMORY_MB MAX_FILE_MB REQUIRE CGROUP` and the program on stdin. It imports only the
 standard library: the package (and its read paths) stays out. Before the program runs it applies, in
 this order (each step needs powers that the next one takes away):
 
 1. rlimits: CPU seconds, address space, size of one file, open files, no core dumps;
-2. a size- and inode-capped tmpfs over its working directory, in a user + mount namespace of its own:
-   without root, the only way to cap the *total* written (RLIMIT_FSIZE caps one file). Where user
-   namespaces are off, the audit hook counts created files instead (<= 256 x the one-file cap): a
-   second-layer bound only, and past it only the time limit bounds what a program writes;
-3. Landlock: read only the Python installation and the directories of the libraries it maps, write only
+2. a task cap: it joins the `pids` cgroup CGROUP that the parent made for it (a root child: root
+   ignores RLIMIT_NPROC), or, not being root, sets RLIMIT_NPROC once inside its own user namespace,
+   where the count is its own tasks only (step 3);
+3. namespaces of its own: user + mount (for the tmpfs below), IPC (System V objects and POSIX message
+   queues of the host are out of reach, and those it makes die with it), UTS and cgroup. Not network
+   (creating one costs ~7 ms a program; seccomp refuses every socket instead) and not PID (it would
+   need a fork: seccomp refuses signals and ptrace of other processes instead);
+4. a size- and inode-capped tmpfs over its working directory: without root, the only way to cap the
+   *total* written (RLIMIT_FSIZE caps one file). Where user namespaces are off, the audit hook counts
+   created files instead (<= 256 x the one-file cap): a second-layer bound only;
+5. Landlock: read only the Python installation and the directories of the libraries it maps, write only
    in the working directory, no TCP (ABI >= 4), signals and abstract unix sockets scoped to itself
-   (ABI >= 6). Landlock does not cover UDP, raw sockets or connecting to a unix socket by path: seccomp
-   refuses all sockets for that;
-4. all capabilities dropped (a root child keeps none, and none inside its user namespace);
-5. seccomp-bpf: no new processes, no exec, no sockets, no ptrace or cross-process memory, no signals to
-   other processes, no namespaces, mounts, io_uring, bpf, keyrings or rlimit raising. A deny list: the
-   syscalls not named are allowed, and Landlock confines what those (open, rename, ...) reach;
-6. an audit hook, as a second layer: it refuses the same things with clearer messages. It is Python
-   code in the program's own interpreter, so a program can switch it off (the issue's attack rewrote
-   its closure cells; `gc` reaches it too): it is not counted as isolation.
+   (ABI >= 6). Landlock does not cover metadata (xattrs, symlink targets, inotify), pipes or unix
+   sockets by path: seccomp refuses those;
+6. all capabilities dropped (a root child keeps none, and none inside its user namespace);
+7. seccomp-bpf: no new processes, no exec, no sockets (not even `socketpair`), no connect/bind/sendto/
+   sendmsg on the one it holds, no ptrace or cross-process memory, no signals to other processes, no
+   xattr reads or writes, no `readlink`, no inotify/fanotify, no namespaces, mounts, io_uring, bpf,
+   keyrings or rlimit raising. A deny list: the syscalls not named are allowed, and Landlock confines
+   what those (open, rename, ...) reach;
+8. an audit hook, as a second layer: it refuses the same things with clearer messages. It is Python
+   code in the program's own interpreter, so a program can switch it off: not counted as isolation.
 
-Steps 2-5 are best effort: what could be applied is reported as one string (`landlock abi 7 + seccomp
-+ tmpfs quota`, or `audit hook only`), and with REQUIRE=1 the program is not run unless Landlock and
-seccomp both are in force.
+Steps 2-7 are best effort: what could be applied is reported as one string (`landlock abi 7 + seccomp
++ tmpfs quota + namespaces user,mnt,ipc,uts,cgroup + task cap 32 (pids cgroup)`, or `audit hook
+only`), and with REQUIRE=1 the program is not run unless every layer in `REQUIRED` is in force.
 
-The verdict goes to RESULT_FD as `TOKEN isolation ...` before the program and `TOKEN status|reason`
-after it. TOKEN comes through TOKEN_FD, which is read and closed first, so it is in no argv, environment,
-stdin or file the program can read. It is in this interpreter's memory, though: a program that walks
-the frames or `gc` to find it can forge a pass. That holds for any harness that judges a program inside
-the program's own process; the kernel layers keep such a program from doing harm, not from lying.
+Descriptors: stdin (the program) is read and replaced by /dev/null, stdout and stderr are a file outside
+the working directory (Landlock refuses to reopen it through /proc/self/fd), and CHANNEL_FD is a unix
+stream socket to the parent (a socket cannot be reopened through /proc at all, and seccomp refuses
+sending it anywhere else). Nothing secret goes through any of them: the verdict is not made here.
+
+The channel carries length-prefixed JSON messages of plain data (`to_wire` / `from_wire`): first
+`["isolation", text]`, written before the program runs, then the program's outcome (`["defined"]`,
+`["failed", reason]`, `["timed out", reason]` or `["refused", reason]`), then one reply per request
+`["call", name, args]`: `["ok", value]`, `["raise", type, message]` or `["timed out", reason]`. The
+parent runs the tests and compares: a program that rewrites this interpreter can only answer wrongly.
 """
 
 import os
@@ -73,7 +86,11 @@ _ARCHES = {
         "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "setxattrat": 463,
         "removexattrat": 466, "setpriority": 141, "ioprio_set": 251, "sched_setaffinity": 203,
         "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314, "migrate_pages": 256,
-        "move_pages": 279,
+        "move_pages": 279, "getxattr": 191, "lgetxattr": 192, "fgetxattr": 193, "listxattr": 194,
+        "llistxattr": 195, "flistxattr": 196, "getxattrat": 464, "listxattrat": 465, "readlink": 89,
+        "readlinkat": 267, "inotify_init": 253, "inotify_init1": 294, "inotify_add_watch": 254,
+        "fanotify_init": 300, "fanotify_mark": 301, "connect": 42, "bind": 49, "listen": 50, "accept": 43,
+        "accept4": 288, "sendto": 44, "sendmsg": 46, "sendmmsg": 307, "recvmsg": 47, "recvmmsg": 299,
     }),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "execve": 221, "execveat": 281, "socket": 198, "socketpair": 199,
@@ -91,11 +108,15 @@ _ARCHES = {
         "fchownat": 54, "utimensat": 88, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14,
         "lremovexattr": 15, "fremovexattr": 16, "setxattrat": 463, "removexattrat": 466, "setpriority": 140,
         "ioprio_set": 30, "sched_setaffinity": 122, "sched_setscheduler": 119, "sched_setparam": 118,
-        "sched_setattr": 274, "migrate_pages": 238, "move_pages": 239,
+        "sched_setattr": 274, "migrate_pages": 238, "move_pages": 239, "getxattr": 8, "lgetxattr": 9,
+        "fgetxattr": 10, "listxattr": 11, "llistxattr": 12, "flistxattr": 13, "getxattrat": 464,
+        "listxattrat": 465, "readlinkat": 78, "inotify_init1": 26, "inotify_add_watch": 27,
+        "fanotify_init": 262, "fanotify_mark": 263, "connect": 203, "bind": 200, "listen": 201, "accept": 202,
+        "accept4": 242, "sendto": 206, "sendmsg": 211, "sendmmsg": 269, "recvmsg": 212, "recvmmsg": 243,
     }),
 }
-# Refused outright (those an arch lacks are skipped). clone, clone3, kill, tgkill, socketpair and
-# prlimit64 get argument checks below.
+# Refused outright (those an arch lacks are skipped). clone, clone3, kill, tgkill and prlimit64 get
+# argument checks below.
 _DENIED = (
     "fork", "vfork", "execve", "execveat", "socket", "ptrace", "process_vm_readv", "process_vm_writev",
     "process_madvise", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "tkill", "rt_sigqueueinfo",
@@ -113,8 +134,22 @@ _DENIED = (
     # Same-uid processes outside (every root process, for a root child) could be reniced or pinned.
     "setpriority", "ioprio_set", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
     "sched_setattr", "migrate_pages", "move_pages",
+    # Metadata and notifications Landlock does not govern: secrets in xattrs or symlink targets of host
+    # files, names of files appearing in host directories.
+    "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr", "getxattrat",
+    "listxattrat", "readlink", "readlinkat", "inotify_init", "inotify_init1", "inotify_add_watch",
+    "fanotify_init", "fanotify_mark",
+    # Unix sockets: no new ones (a socketpair can sendto a host socket's path), and nothing but read and
+    # write on the channel socket it holds (no path addresses, no descriptors passed with sendmsg).
+    "socketpair", "connect", "bind", "listen", "accept", "accept4", "sendto", "sendmsg", "sendmmsg",
+    "recvmsg", "recvmmsg",
 )
-_EPERM, _ENOSYS, _AF_UNIX, _CLONE_THREAD = 1, 38, 1, 0x00010000
+_EPERM, _ENOSYS, _CLONE_THREAD = 1, 38, 0x00010000
+_NEWUSER, _NEWNS, _NEWIPC, _NEWUTS, _NEWCGROUP = 0x10000000, 0x00020000, 0x08000000, 0x04000000, 0x02000000
+# What `--require-isolation` insists on: without any one of them, some class of attack reaches the host.
+REQUIRED = ("landlock", "seccomp", "ipc", "task cap")
+TASK_CAP = 32  # tasks (the main thread included): a thread flood ends here, far from the host's limits
+_MESSAGE_LIMIT = 16 << 20  # bytes of one message on the channel
 _TMPFS_FILES = 256  # inodes in the tmpfs quota; its bytes are 4x the one-file cap
 
 
@@ -142,23 +177,43 @@ def set_rlimits(timeout: float, memory_mb: int, max_file_mb: int) -> None:
         ("RLIMIT_FSIZE", max_file_mb << 20),  # one file (Python ignores SIGXFSZ: OSError)
         ("RLIMIT_NOFILE", 64),
         ("RLIMIT_CORE", 0),
-        ("RLIMIT_NPROC", 0),  # no new processes or threads, for non-root (seccomp covers root)
     ):
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def mount_tmpfs_quota(ctypes, libc, work: str, max_file_mb: int) -> None:
-    """A tmpfs of 4x max_file_mb and _TMPFS_FILES inodes over `work`, in a user + mount namespace of its own.
+def join_task_cgroup(cgroup: str) -> None:
+    """Join the `pids` cgroup the parent made (pids.max = TASK_CAP): root ignores RLIMIT_NPROC.
 
-    Unprivileged user namespaces may be off (sysctl, AppArmor, a container's seccomp profile): the
-    caller then falls back to the audit hook's count of created files.
+    Before Landlock and the capability drop: afterwards the cgroup files are out of reach, so the
+    program cannot move itself out. The parent removes the cgroup when the child is gone.
     """
+    with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def enter_namespaces(ctypes, libc) -> list[str]:
+    """A user + mount + IPC + UTS + cgroup namespace of its own, mapping only its own ids.
+
+    A root child can make the non-user ones without a user namespace (where unprivileged user
+    namespaces are off, by sysctl, AppArmor or a container's seccomp profile), so it tries those first.
+    Returns the namespaces it got.
+    """
+    others = _NEWIPC | _NEWUTS | _NEWCGROUP
+    got = []
+    if os.geteuid() == 0 and libc.unshare(others) == 0:
+        got, others = ["ipc", "uts", "cgroup"], 0
     uid, gid = os.geteuid(), os.getegid()
-    _check(ctypes, libc.unshare(0x10000000 | 0x00020000), "unshare")  # CLONE_NEWUSER | CLONE_NEWNS
+    if libc.unshare(_NEWUSER | _NEWNS | others) != 0:
+        return got
     # Map our own ids only: the namespace cannot act as anyone else. setgroups must be denied first.
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+    return ["user", "mnt"] + (got or ["ipc", "uts", "cgroup"])
+
+
+def mount_tmpfs_quota(ctypes, libc, work: str, max_file_mb: int) -> None:
+    """A tmpfs of 4x max_file_mb and _TMPFS_FILES inodes over `work` (in our own mount namespace)."""
     options = f"size={4 * max_file_mb}m,nr_inodes={_TMPFS_FILES},mode=700".encode()
     flags = 0x2 | 0x4 | 0x8  # MS_NOSUID | MS_NODEV | MS_NOEXEC
     _check(ctypes, libc.mount(b"tmpfs", work.encode(), b"tmpfs", flags, options), "mount tmpfs")
@@ -243,7 +298,6 @@ def seccomp_filter(arch: int, nrs: dict[str, int], pid: int) -> bytes:
         "clone": [op(ld, arg[0]), op(jset, _CLONE_THREAD, 0, 1), op(ret, allow), op(ret, deny)],  # threads
         "kill": [op(ld, arg[0]), op(jeq, pid, 0, 1), op(ret, allow), op(ret, deny)],  # itself only
         "tgkill": [op(ld, arg[0]), op(jeq, pid, 0, 1), op(ret, allow), op(ret, deny)],  # its own threads
-        "socketpair": [op(ld, arg[0]), op(jeq, _AF_UNIX, 0, 1), op(ret, allow), op(ret, deny)],
         # prlimit64(pid, resource, new, old): reading is fine, setting is not.
         "prlimit64": [op(ld, arg[2]), op(jeq, 0, 0, 3), op(ld, arg[2] + 4), op(jeq, 0, 0, 1), op(ret, allow),
                       op(ret, deny)],
@@ -270,16 +324,33 @@ def apply_seccomp(ctypes, libc) -> None:
     _check(ctypes, libc.prctl(22, 2, ctypes.byref(prog), 0, 0), "PR_SET_SECCOMP")  # SECCOMP_MODE_FILTER
 
 
-def confine(work: str, max_file_mb: int) -> list[str]:
-    """Apply steps 2-5 of the module docstring, each if the kernel allows; return those in force."""
+def confine(work: str, max_file_mb: int, cgroup: str) -> list[str]:
+    """Apply steps 2-7 of the module docstring, each if the kernel allows; return those in force."""
     try:
         ctypes, libc = _libc()
     except (ImportError, OSError):
         return []
-    quota = landlock = seccomp = ""
+    task_cap = quota = landlock = seccomp = ""
     try:
-        mount_tmpfs_quota(ctypes, libc, work, max_file_mb)
-        quota = "tmpfs quota"
+        if cgroup:
+            join_task_cgroup(cgroup)
+            task_cap = f"task cap {TASK_CAP} (pids cgroup)"
+    except OSError:
+        pass
+    try:
+        namespaces = enter_namespaces(ctypes, libc)
+    except OSError:  # the id maps could not be written: report none rather than guess
+        namespaces = []
+    if not task_cap and os.geteuid() != 0:
+        # Counted per user namespace: in our own one, only our tasks; outside it, all of this user's
+        # processes, so there the only safe cap is no new task at all.
+        limit = TASK_CAP if "user" in namespaces else 0
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        task_cap = f"task cap {limit or 1} (rlimit)"
+    try:
+        if "mnt" in namespaces:
+            mount_tmpfs_quota(ctypes, libc, work, max_file_mb)
+            quota = "tmpfs quota"
     except OSError:
         pass
     abi = landlock_abi(ctypes, libc)
@@ -300,7 +371,8 @@ def confine(work: str, max_file_mb: int) -> list[str]:
         pass
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
         del sys.modules[name]  # so the program's `import ctypes` reaches the audit hook again
-    return [part for part in (landlock, seccomp, quota) if part]
+    spaces = f"namespaces {','.join(namespaces)}" if namespaces else ""
+    return [part for part in (landlock, seccomp, quota, spaces, task_cap) if part]
 
 
 def install_audit_hook(root: str, count_files: bool) -> None:
@@ -351,63 +423,179 @@ def install_audit_hook(root: str, count_files: bool) -> None:
     sys.addaudithook(guard)
 
 
+# --- the channel: plain data only ------------------------------------------------------------------
+# JSON cannot tell a tuple from a list or carry a set, bytes or a dict with int keys, and a test's
+# `assert f(x) == (1, 2)` must see exactly what the function returned. So every container is a
+# [tag, items] pair and a bare JSON value is a scalar; nothing else (no objects, no pickle) exists.
+_CONTAINERS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def to_wire(value, depth: int = 0):
+    """A returned value as plain JSON data. Subclasses become their base type (a `str` whose `__eq__`
+    says yes to everything arrives as the plain string it holds); anything else is a TypeError."""
+    if depth > 100:
+        raise ValueError("nested more than 100 deep")
+    kind = type(value)
+    if value is None or kind in (bool, str, float) or (kind is int and -(1 << 63) <= value < 1 << 63):
+        return value
+    if isinstance(value, int) and kind is not bool:
+        return ["int", format(int(value), "x")]  # beyond 64 bits: JSON readers would limit the digits
+    for name in ("list", "tuple", "frozenset", "set"):  # frozenset first: it is no subclass of set
+        if isinstance(value, _CONTAINERS[name]):
+            return [name, [to_wire(v, depth + 1) for v in value]]
+    if isinstance(value, dict):
+        return ["dict", [[to_wire(k, depth + 1), to_wire(v, depth + 1)] for k, v in value.items()]]
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, (bytes, bytearray)):
+        return ["bytes", bytes(value).hex()]
+    if hasattr(type(value), "__index__"):  # numpy integers and the like
+        return to_wire(int(type(value).__index__(value)), depth)
+    raise TypeError(f"a {kind.__name__} is not plain data")
+
+
+def from_wire(data):
+    """The inverse of `to_wire`, strict: the parent trusts nothing it cannot rebuild from plain data."""
+    if data is None or type(data) in (bool, int, float, str):
+        return data
+    if type(data) is not list or len(data) != 2 or type(data[1]) not in (list, str):
+        raise ValueError("not plain data")
+    tag, body = data
+    if tag in _CONTAINERS and type(body) is list:
+        return _CONTAINERS[tag](from_wire(v) for v in body)
+    if tag == "dict" and type(body) is list and all(type(kv) is list and len(kv) == 2 for kv in body):
+        return {from_wire(k): from_wire(v) for k, v in body}
+    if tag == "int" and type(body) is str:
+        return int(body, 16)
+    if tag == "bytes" and type(body) is str:
+        return bytes.fromhex(body)
+    raise ValueError(f"not plain data: {tag!r}")
+
+
+def send(fd: int, message: list) -> None:
+    """One message: 4-byte length, then JSON. SIGALRM waits meanwhile: a half-written message would
+    leave the parent reading garbage instead of our `timed out`."""
+    import json
+
+    data = json.dumps(message).encode()
+    data = len(data).to_bytes(4, "big") + data
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
+
+def receive(fd: int) -> list | None:
+    """One message, or None at the end of the channel."""
+    import json
+
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = os.read(fd, n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    header = exactly(4)
+    size = int.from_bytes(header, "big") if header else 0
+    body = exactly(size) if header and size <= _MESSAGE_LIMIT else None
+    return json.loads(body) if body else None
+
+
+# --- running the program and answering calls -----------------------------------------------------
 class Timeout(BaseException):
     pass
 
 
-def run(program: str, timeout: float) -> tuple[str, str]:
-    """Run the program in a fresh __main__ namespace; (status, reason) with a short, program-made reason."""
-    expired = []
+def _short(e: BaseException) -> str:
+    """The exception's type and a one-line message; str() runs the program's code, so it may fail."""
+    reason = type(e).__name__
+    try:
+        message = " ".join(str(e).split())[:200]
+        reason += f": {message}" if message else ""
+    except BaseException:  # noqa: B036
+        pass
+    return reason
 
+
+def define(program: str, namespace: dict) -> list:
+    """Run the program (its definitions, and anything at its top level): the outcome as a message."""
+    try:
+        exec(compile(program, "<candidate>", "exec"), namespace)
+    except Timeout as e:
+        return ["timed out", str(e)]
+    except BaseException as e:  # noqa: B036 -- SystemExit and KeyboardInterrupt are failures too
+        return ["failed", _short(e)]
+    return ["defined"]
+
+
+def serve(fd: int, namespace: dict) -> None:
+    """Answer `["call", name, args]` requests until the parent closes the channel.
+
+    A program that ran to its end may have left anything in the namespace; only what the parent asks
+    for by name is called, with arguments rebuilt from plain data.
+    """
+    while (request := receive(fd)) is not None:
+        try:
+            function = namespace[request[1]]
+            value = function(*[from_wire(a) for a in request[2]])
+            reply = ["ok", to_wire(value)]
+        except Timeout as e:
+            send(fd, ["timed out", str(e)])
+            return
+        except BaseException as e:  # noqa: B036
+            reply = ["raise", type(e).__name__, _short(e)]
+        send(fd, reply)
+
+
+def start_alarm(timeout: float) -> None:
+    """One wall-clock alarm for the whole run (definitions and every call), as in OpenAI's harness."""
     def on_alarm(signum, frame):
-        expired.append(True)
         raise Timeout(f"timed out after {timeout:g} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
-    status, reason = "passed", ""
-    try:
-        code = compile(program, "<candidate>", "exec")
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-    except BaseException as e:  # noqa: B036 -- SystemExit and KeyboardInterrupt are failures too
-        status, reason = "failed", type(e).__name__
-        try:  # str() runs the program's code: keep it within the alarm, and keep only a short line
-            message = " ".join(str(e).split())[:200]
-            reason += f": {message}" if message else ""
-        except BaseException:  # noqa: B036
-            pass
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    if expired:
-        status, reason = "timed out", f"timed out after {timeout:g} s"
-    return status, reason
+    signal.setitimer(signal.ITIMER_REAL, timeout)
 
 
 def main() -> None:
-    token_fd, result_fd, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    memory_mb, max_file_mb, require = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
-    token = os.read(token_fd, 64).decode()
-    os.close(token_fd)
+    channel, timeout = int(sys.argv[1]), float(sys.argv[2])
+    memory_mb, max_file_mb, require, cgroup = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
     program = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)  # the stdin pipe could be reopened for writing through /proc/self/fd/0
+    os.close(null)
     work = os.path.realpath(os.getcwd())
     set_rlimits(timeout, memory_mb, max_file_mb)
-    in_force = confine(work, max_file_mb)
-    kernel = any(p.startswith("landlock") for p in in_force) and "seccomp" in in_force
+    in_force = confine(work, max_file_mb, cgroup if cgroup != "-" else "")
     isolation = " + ".join(in_force) or "audit hook only"
-    os.write(result_fd, f"{token} isolation {isolation}\n".encode())
+    send(channel, ["isolation", isolation])
     install_audit_hook(work, count_files="tmpfs quota" not in in_force)
-    if require and not kernel:
-        status, reason = "failed", f"sandbox: kernel isolation required but only {isolation} is available"
-    else:
-        status, reason = run(program, timeout)
-    # On a line of its own, whatever the program left unterminated on this pipe.
-    os.write(result_fd, f"\n{token} {status}|{reason}\n".encode("utf-8", "backslashreplace"))
+    missing = [need for need in REQUIRED if need not in isolation] if require == "1" else []
+    if missing:
+        send(channel, ["refused", f"sandbox: kernel isolation required but {', '.join(missing)} "
+                                  f"not in force ({isolation})"])
+        os._exit(0)
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        start_alarm(timeout)
+        send(channel, define(program, namespace))
+        serve(channel, namespace)
+    except Timeout as e:  # between calls, while the parent was running its part of the tests
+        send(channel, ["timed out", str(e)])
+    except BaseException:  # noqa: B036 -- the channel broke: the parent is gone or gave up
+        pass
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
-        except Exception:  # noqa: S110 -- a program that broke its own streams loses its output, nothing else
+        except BaseException:  # noqa: S110, B036 -- a program that broke its streams loses its output
             pass
-    os._exit(0)  # no atexit handlers or __del__ of the program after the verdict
+    os._exit(0)  # no atexit handlers or __del__ of the program after the last message
 
 
 if __name__ == "__main__":

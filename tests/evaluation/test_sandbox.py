@@ -1,22 +1,27 @@
 """The sandbox contains what model-written code does, by accident or on purpose.
 
 Every program runs in one `run_programs` call (2 workers) so the suite pays the slowest one, not
-the sum. Where a program would leave a trace (a file, a connection, a dead process), the test looks
-for it. The escape attempts per class (filesystem, processes, signals, network, disk) first switch
-the audit hook off, as the issue's attack did through its closure cells, so they test the kernel
-layers (Landlock, seccomp, the tmpfs quota) alone; they are skipped, with the reason, where the
-kernel does not give the sandbox those layers. Each attempt is written to succeed quietly if it gets
-out, so "contained" means: it failed, and it failed because the kernel said no.
+the sum. Where a program would leave a trace (a file, a connection, a dead process, an IPC object),
+the test looks for it. The escape attempts per class (filesystem, metadata, processes, signals,
+network, unix sockets, IPC, descriptors, tasks, disk) first switch the audit hook off, as a hostile
+program can through its closure cells, so they test the kernel layers alone. Which layers must be in
+force is decided by probing the kernel here (`KERNEL`), never from what the sandbox reports: where the
+kernel offers a layer and the child did not apply it, the tests fail rather than skip. Each attempt is
+written to succeed quietly if it gets out, so "contained" means: it failed, because the kernel said no.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,17 +32,64 @@ from minicodeparrot.evaluation.sandbox import (
     PASSED,
     TIMED_OUT,
     check_isolation,
-    has_kernel_isolation,
     isolation_in_force,
     run_program,
     run_programs,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+_NEWUSER, _NEWNS, _NEWIPC = 0x10000000, 0x00020000, 0x08000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.syscall.restype = ctypes.c_long
+
+
+def _in_fork(flags: int) -> bool:
+    """Whether unshare(flags) works, tried in a throw-away child of this process."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if _LIBC.unshare(flags) == 0 else 1)
+    return os.waitpid(pid, 0)[1] == 0
+
+
+def _probe_kernel() -> dict:
+    """What this kernel offers a sandbox, found without the sandbox's code."""
+    root = os.geteuid() == 0
+    userns = _in_fork(_NEWUSER | _NEWNS)
+    return {
+        # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION): the ABI, or -1 without it
+        "landlock": max(0, _LIBC.syscall(444, None, 0, 1)),
+        "seccomp": _LIBC.prctl(21, 0, 0, 0, 0) >= 0,  # PR_GET_SECCOMP fails (EINVAL) without seccomp
+        "userns": userns,
+        "ipc": _in_fork(_NEWUSER | _NEWNS | _NEWIPC) or (root and _in_fork(_NEWIPC)),
+        # root ignores RLIMIT_NPROC: a pids cgroup caps it; anyone else is capped by the rlimit
+        "task cap": (not root) or os.access("/sys/fs/cgroup/pids", os.W_OK),
+    }
+
+
+KERNEL = _probe_kernel()
+
+
+def needs(*layers: str):
+    """Skip only where the *kernel* lacks a layer; a sandbox that does not apply it fails the test."""
+    lacking = [layer for layer in layers if not KERNEL[layer]]
+    return pytest.mark.skipif(bool(lacking), reason=f"this kernel offers no {', '.join(lacking)}")
+
+
 TIMEOUT = 1.0
 ISOLATION = isolation_in_force()
-kernel_only = pytest.mark.skipif(
-    not has_kernel_isolation(ISOLATION), reason=f"no kernel isolation on this machine: {ISOLATION}"
-)
+SHM_KEY, MSG_KEY = 0x6D637000 + os.getpid() % 4096, 0x6D638000 + os.getpid() % 4096
+MQ_HOST, MQ_LEFT = f"/minicodeparrot-test-{os.getpid()}", f"/minicodeparrot-left-{os.getpid()}"
+SHM_HOST = f"/minicodeparrot-test-{os.getpid()}"  # /dev/shm/minicodeparrot-test-PID
+LEFT_SHM_BYTES = (256 << 20) + 4096  # a size no one else uses, to find a leftover by
+
+
+def test_the_child_applies_every_layer_the_kernel_offers():
+    expected = [f"landlock abi {KERNEL['landlock']}"] if KERNEL["landlock"] else []
+    expected += ["seccomp"] if KERNEL["seccomp"] else []
+    expected += ["tmpfs quota", "user", "mnt"] if KERNEL["userns"] else []
+    expected += ["ipc"] if KERNEL["ipc"] else []
+    expected += ["task cap"] if KERNEL["task cap"] else []
+    assert [layer for layer in expected if layer not in ISOLATION] == [], ISOLATION
 
 # Switch the audit hook off the way a hostile program can: find it with gc and empty the sets, flags
 # and helpers in its closure cells. The checks at the end fail if any of its refusals survived.
@@ -58,6 +110,16 @@ sys.audit("open", "/etc/x", "w", os.O_WRONLY | os.O_CREAT)
 sys.audit("socket.__new__", None, 2, 1, 0)
 sys.audit("import", "ctypes", None, sys.path, sys.meta_path, sys.path_hooks)
 """
+
+
+# ctypes for the syscalls Python has no wrapper for; fail() raises the errno, as os functions do.
+LIBC = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n"
+        "def fail(r):\n    if r == -1:\n"
+        "        e = ctypes.get_errno()\n        raise OSError(e, os.strerror(e))\n")
+# The unix socket to the parent, found among the descriptors as a hostile program would.
+CHANNEL = ("import stat\ndef is_socket(fd):\n    try:\n        return stat.S_ISSOCK(os.fstat(fd).st_mode)\n"
+           "    except OSError:\n        return False\n"
+           "s = socket.socket(fileno=next(fd for fd in range(3, 64) if is_socket(fd)))\n")
 
 
 def _escapes(tmp: str, tcp: int, udp: int, unix: str, abstract: str, victim: int) -> dict[str, str]:
@@ -114,7 +176,65 @@ def _escapes(tmp: str, tcp: int, udp: int, unix: str, abstract: str, victim: int
         # the limits themselves
         "raise_rlimit": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n",
     }
-    return {name: DISARM + body for name, body in attempts.items()}
+    return {name: DISARM + body for name, body in (attempts | _round_two(tmp)).items()}
+
+
+def _round_two(tmp: str) -> dict[str, str]:
+    """The classes a second attack round found open: IPC, metadata, unix sockets, descriptors, tasks."""
+    return {
+        # IPC: the host's System V segment (read its secret) and POSIX queue (delete it)
+        "ipc_host_shm": LIBC + f"i = libc.shmget({SHM_KEY}, 0, 0)\nfail(i)\n"
+                        "p = libc.shmat(i, None, 0)\nraise ValueError(ctypes.string_at(p, 12))\n",
+        "ipc_host_mq": LIBC + f"fail(libc.mq_unlink({MQ_HOST.encode()!r}))\n",
+        # POSIX shared memory is a file in /dev/shm: Landlock's to refuse, reading or making one
+        "ipc_host_posix_shm": "import _posixshmem\n"
+                              f"fd = _posixshmem.shm_open({SHM_HOST!r}, os.O_RDONLY, 0)\n"
+                              "raise ValueError(os.read(fd, 12))\n",
+        "ipc_make_posix_shm": "import _posixshmem\n"
+                              "_posixshmem.shm_open('/minicodeparrot-made', os.O_CREAT | os.O_RDWR, 0o600)\n",
+        # metadata: xattrs and symlink targets of host files, names of files appearing in host dirs
+        "meta_getxattr": f"raise ValueError(os.getxattr('{tmp}/keep.txt', 'user.secret'))\n",
+        "meta_listxattr": f"raise ValueError(os.listxattr('{tmp}/keep.txt'))\n",
+        "meta_readlink": f"raise ValueError(os.readlink('{tmp}/link'))\n",
+        "meta_readlink_fd": "raise ValueError(os.readlink('/proc/self/fd/1'))\n",
+        "meta_inotify": LIBC + "fd = libc.inotify_init1(0)\nfail(fd)\n"
+                        f"fail(libc.inotify_add_watch(fd, b'{tmp}', 0x100))\n",  # IN_CREATE
+        "meta_fanotify": LIBC + "fail(libc.fanotify_init(0, 0))\n",
+        # unix sockets by path, with a descriptor attached, from a socketpair or the channel the child holds
+        "unix_socketpair_sendto": "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                                  f"a.sendto(b'x', '{tmp}/dgram.sock')\n",
+        "unix_channel_sendto": CHANNEL + f"s.sendto(b'x', '{tmp}/dgram.sock')\n",
+        "unix_channel_sendmsg_fd": CHANNEL + "s.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, "
+                                           f"__import__('array').array('i', [1]))], 0, '{tmp}/dgram.sock')\n",
+        "unix_channel_connect": CHANNEL + f"s.connect('{tmp}/dgram.sock')\n",
+        # tasks: a thread flood with small stacks (threads cost almost no address space)
+        # descriptors: none reopens, through /proc or /dev/fd, into anything but /dev/null
+        "fd_reopen": "null, got, held = os.stat('/dev/null'), [], []\nfor fd in range(64):\n"
+                     "    try:\n        os.fstat(fd)\n        held.append(fd)\n"
+                     "    except OSError:\n        continue\n"
+                     "    for path in (f'/proc/self/fd/{fd}', f'/dev/fd/{fd}'):\n"
+                     "        for mode in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):\n"
+                     "            try:\n                new = os.open(path, mode)\n"
+                     "            except OSError:\n                continue\n"
+                     "            if not os.path.samestat(os.fstat(new), null):\n"
+                     "                got.append((path, mode))\n"
+                     "if got or len(held) < 4:  # stdin, stdout, stderr and the channel at least\n"
+                     "    raise ValueError(f'reopened {got} of {held}')\n",
+        # left behind after it ends: 256 MiB of System V memory, a message queue, a POSIX queue
+        "ipc_leftovers": LIBC + f"fail(libc.shmget(0, {LEFT_SHM_BYTES}, 0o1600))\n"  # IPC_PRIVATE, IPC_CREAT
+                         f"fail(libc.msgget({MSG_KEY}, 0o1600))\n"
+                         # (Landlock refuses creating a POSIX queue: not checked, it would be ours anyway)
+                         f"libc.mq_open({MQ_LEFT.encode()!r}, os.O_CREAT | os.O_RDWR, 0o600, None)\n",
+        # a thread that would outlive the program; the pid and the cwd say where to look afterwards
+        "outlive": "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+                   "raise ValueError(f'{os.getpid()} {os.getcwd()}')\n",
+        "task_flood": "import threading\nthreading.stack_size(1 << 15)\nstop, n = threading.Event(), 0\n"
+                      "try:\n    for n in range(3000):\n"
+                      "        threading.Thread(target=stop.wait, daemon=True).start()\n"
+                      "except RuntimeError as e:\n"
+                      "    raise RuntimeError(f'{e} after {n} threads') from None\n"
+                      "raise ValueError('started 3000 threads')\n",
+    }
 
 
 def _programs(tmp: str) -> dict[str, str]:
@@ -160,51 +280,114 @@ def _programs(tmp: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def outcome(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("outside")
+def _host_files(tmp: Path) -> Path:
     (tmp / "keep.txt").write_text("keep")
-    keep_mode = (tmp / "keep.txt").stat().st_mode
+    with contextlib.suppress(OSError):  # a filesystem without user xattrs: seccomp must refuse all the same
+        os.setxattr(tmp / "keep.txt", "user.secret", b"xattr-s3cret")
+    os.symlink("/nonexistent/link-s3cret", tmp / "link")
     (tmp / "secret.txt").write_text("s3cr3t-content")
     (tmp / "keep_dir").mkdir()
     (tmp / "keep_dir" / "a.txt").write_text("keep")
-    listeners = [socket.socket(), socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
-    tcp, unix, abstract = listeners
+    return tmp
+
+
+def _host_sockets(tmp: Path) -> tuple[list[socket.socket], str]:
+    """Listening TCP, unix and abstract unix sockets, and UDP and unix datagram receivers."""
+    tcp, unix, abstract = socket.socket(), socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
     tcp.bind(("127.0.0.1", 0))
     unix.bind(str(tmp / "unix.sock"))
     abstract_name = f"\0minicodeparrot-test-{os.getpid()}"
     abstract.bind(abstract_name)
-    for s in listeners:
+    for s in (tcp, unix, abstract):
         s.listen(8)
-        s.settimeout(0.05)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
-    udp.settimeout(0.05)
-    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
-    programs = _programs(str(tmp)) | _escapes(str(tmp), tcp.getsockname()[1], udp.getsockname()[1],
-                                              str(tmp / "unix.sock"), abstract_name, victim.pid)
-    try:
-        results = run_programs(list(programs.values()), timeout=TIMEOUT, num_workers=2, show_progress=False)
-        reached = []
-        for s in listeners:
-            try:
-                s.accept()
-                reached.append(s)
-            except TimeoutError:
-                pass
+    dgram.bind(str(tmp / "dgram.sock"))
+    for s in (tcp, unix, abstract, udp, dgram):
+        s.settimeout(0.05)
+    return [tcp, unix, abstract, udp, dgram], abstract_name
+
+
+def _reached(sockets: list[socket.socket]) -> list[socket.socket]:
+    reached = []
+    for s in sockets:
         try:
-            udp.recv(10)
-            reached.append(udp)
+            s.accept() if s.type == socket.SOCK_STREAM else s.recv(10)
+            reached.append(s)
         except TimeoutError:
             pass
+    return reached
+
+
+def _make_host_ipc() -> int:
+    """A System V segment holding a secret and a POSIX message queue, as a host process would have."""
+    _LIBC.shmat.restype = ctypes.c_void_p
+    shm = _LIBC.shmget(SHM_KEY, 4096, 0o1600)  # IPC_CREAT | 0600
+    assert shm >= 0, os.strerror(ctypes.get_errno())
+    address = _LIBC.shmat(shm, None, 0)
+    ctypes.memmove(address, b"ipc-s3cret!!", 12)
+    _LIBC.shmdt(ctypes.c_void_p(address))
+    Path("/dev/shm", SHM_HOST[1:]).write_bytes(b"shm-s3cret!!")
+    queue = _LIBC.mq_open(MQ_HOST.encode(), os.O_CREAT | os.O_RDWR, 0o600, None)
+    assert queue >= 0, os.strerror(ctypes.get_errno())
+    os.close(queue)  # on Linux a queue descriptor is a file descriptor
+    return shm
+
+
+def _mq_exists(name: str) -> bool:
+    queue = _LIBC.mq_open(name.encode(), os.O_RDONLY)
+    if queue >= 0:
+        os.close(queue)
+    return queue >= 0
+
+
+def _host_ipc_state(shm: int) -> dict:
+    """What the host's IPC looks like after the programs ran."""
+    segments = [line.split() for line in open("/proc/sysvipc/shm").read().splitlines()[1:]]
+    queues = [line.split() for line in open("/proc/sysvipc/msg").read().splitlines()[1:]]
+    _LIBC.shmat.restype = ctypes.c_void_p
+    address = _LIBC.shmat(shm, None, 0)
+    secret = ctypes.string_at(address, 12) if address not in (None, 2**64 - 1) else b""
+    _LIBC.shmdt(ctypes.c_void_p(address))
+    return {"left_shm": [int(f[1]) for f in segments if int(f[3]) == LEFT_SHM_BYTES],
+            "left_msg": [int(f[1]) for f in queues if int(f[0]) == MSG_KEY],
+            "left_mq": _mq_exists(MQ_LEFT), "host_mq": _mq_exists(MQ_HOST), "host_shm": secret}
+
+
+def _remove_host_ipc(shm: int, state: dict) -> None:
+    for i in [shm, *state.get("left_shm", [])]:
+        _LIBC.shmctl(i, 0, None)  # IPC_RMID
+    for i in state.get("left_msg", []):
+        _LIBC.msgctl(i, 0, None)
+    _LIBC.mq_unlink(MQ_HOST.encode())
+    _LIBC.mq_unlink(MQ_LEFT.encode())
+    Path("/dev/shm", SHM_HOST[1:]).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    tmp = _host_files(tmp_path_factory.mktemp("outside"))
+    keep_mode = (tmp / "keep.txt").stat().st_mode
+    sockets, abstract_name = _host_sockets(tmp)
+    shm, ipc = _make_host_ipc(), {}
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    programs = _programs(str(tmp)) | _escapes(str(tmp), sockets[0].getsockname()[1],
+                                              sockets[3].getsockname()[1], str(tmp / "unix.sock"),
+                                              abstract_name, victim.pid)
+    try:
+        results = run_programs(list(programs.values()), timeout=TIMEOUT, num_workers=2, show_progress=False)
+        reached = _reached(sockets)
         victim_alive = victim.poll() is None
+        ipc = _host_ipc_state(shm)
     finally:
         victim.kill()
         victim.wait()
-        for s in [*listeners, udp]:
+        for s in sockets:
             s.close()
+        _remove_host_ipc(shm, ipc)
     return {"results": dict(zip(programs, results, strict=True)), "tmp": tmp, "reached": reached,
-            "victim_alive": victim_alive, "keep_mode": keep_mode}
+            "victim_alive": victim_alive, "keep_mode": keep_mode, "ipc": ipc}
 
 
 def _contained(r, errors=("PermissionError", "Errno 1]", "Errno 13]", "Errno 18]")) -> bool:
@@ -217,7 +400,8 @@ def test_correct_program_passes_and_wrong_ones_fail(outcome):
     assert r["ok"].status == PASSED and r["ok"].reason == ""
     assert r["wrong"].status == FAILED and r["wrong"].reason == "AssertionError: arithmetic"
     assert r["syntax"].status == FAILED and r["syntax"].reason.startswith("SyntaxError")
-    assert r["scribble"].status == PASSED, r["scribble"]
+    # Junk on the channel garbles only the program's own account: it fails, it is not judged a pass.
+    assert r["scribble"].status == FAILED and "something else than a message" in r["scribble"].reason
 
 
 def test_every_child_reports_the_isolation_in_force(outcome):
@@ -263,9 +447,10 @@ def test_the_audit_hook_refuses_first(outcome):
 
 def test_writes_inside_the_temp_dir_and_threads_are_fine(outcome):
     assert outcome["results"]["write_inside"].status == PASSED
-    # seccomp lets clone with CLONE_THREAD through; RLIMIT_NPROC = 0 still stops threads for non-root.
+    # seccomp lets clone with CLONE_THREAD through, and the task cap leaves room for a few, except where
+    # RLIMIT_NPROC can only count all of a non-root user's processes (no user namespace): none then.
     r = outcome["results"]["threads"]
-    assert r.status == PASSED or (os.geteuid() != 0 and "can't start new thread" in r.reason), r
+    assert r.status == PASSED or (os.geteuid() != 0 and not KERNEL["userns"] and "new thread" in r.reason), r
 
 
 def test_a_program_can_switch_the_audit_hook_off(outcome):
@@ -274,8 +459,9 @@ def test_a_program_can_switch_the_audit_hook_off(outcome):
 
 
 @pytest.mark.parametrize("name", ["forge", "sys_exit_0", "os_exit_0"])
-def test_a_pass_cannot_be_forged_or_exited_into(outcome, name):
-    assert outcome["results"][name].status == FAILED, outcome["results"][name]
+def test_a_program_cannot_exit_or_scribble_into_a_pass(outcome, name):
+    # Only the program's own account (scoring never uses it: see test_checker.py), and still not a pass.
+    assert outcome["results"][name].status in (FAILED, TIMED_OUT), outcome["results"][name]
 
 
 def _escape_names(prefix):
@@ -283,7 +469,7 @@ def _escape_names(prefix):
     return [n for n in names if n.startswith(prefix)]
 
 
-@kernel_only
+@needs("landlock", "seccomp")
 @pytest.mark.parametrize("name", _escape_names("fs_"))
 def test_filesystem_escapes_are_contained(outcome, name):
     r = outcome["results"][name]
@@ -296,7 +482,7 @@ def test_filesystem_escapes_are_contained(outcome, name):
     assert "PATH=" not in r.reason and "s3cr3t" not in r.reason  # nothing of the parent's leaks back
 
 
-@kernel_only
+@needs("seccomp")
 @pytest.mark.parametrize("name", _escape_names("proc_"))
 def test_process_escapes_are_contained(outcome, name):
     # EPERM from seccomp on clone/execve: no process was made (Landlock's EACCES on exec would come later)
@@ -305,27 +491,27 @@ def test_process_escapes_are_contained(outcome, name):
     assert not list(outcome["tmp"].glob("*_marker"))
 
 
-@kernel_only
+@needs("landlock", "seccomp")
 @pytest.mark.parametrize("name", _escape_names("sig_"))
 def test_signal_escapes_are_contained(outcome, name):
     assert _contained(outcome["results"][name]), outcome["results"][name]
     assert outcome["victim_alive"]
 
 
-@kernel_only
+@needs("landlock", "seccomp")
 @pytest.mark.parametrize("name", _escape_names("net_"))
 def test_network_escapes_are_contained(outcome, name):
     assert _contained(outcome["results"][name]), outcome["results"][name]
     assert not outcome["reached"]
 
 
-@kernel_only
+@needs("seccomp")
 def test_limits_cannot_be_raised(outcome):
     r = outcome["results"]["raise_rlimit"]
     assert r.status == FAILED and "not allowed to raise maximum limit" in r.reason, r
 
 
-@pytest.mark.skipif("tmpfs quota" not in ISOLATION, reason=f"no tmpfs quota on this machine: {ISOLATION}")
+@needs("userns")
 def test_disk_filling_is_contained_without_the_audit_hook(outcome):
     r = outcome["results"]["disk_many_files"]
     assert r.status == FAILED and "No space left" in r.reason, r
@@ -368,7 +554,7 @@ def test_isolation_is_printed_once_and_required_on_demand(monkeypatch, capsys):
         check_isolation(require=True)
 
 
-@kernel_only
+@needs("landlock", "seccomp", "ipc", "task cap")
 def test_humaneval_writes_the_isolation_into_results_json(tmp_path):
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n"}) + "\n")
@@ -394,6 +580,7 @@ def test_seccomp_syscall_numbers_match_the_kernel_headers(arch, header):
 
     numbers = _ARCHES[arch][1]
     legacy = {"fork", "vfork", "chmod", "chown", "lchown", "utime", "utimes", "futimesat"}
+    legacy |= {"readlink", "inotify_init"}
     missing = set(_DENIED) - set(numbers)
     assert missing == (set() if arch == "x86_64" else legacy)
     if not os.path.exists(header):
@@ -401,18 +588,19 @@ def test_seccomp_syscall_numbers_match_the_kernel_headers(arch, header):
     reference = _header_numbers(header)
     checked = {name: nr for name, nr in numbers.items() if name in reference}
     assert checked == {name: reference[name] for name in checked}
-    assert len(checked) >= len(numbers) - 3  # only syscalls newer than the headers go unchecked
+    # only syscalls newer than these headers go unchecked
+    newer = {"fchmodat2", "getxattrat", "listxattrat", "setxattrat", "removexattrat"}
+    assert set(numbers) - set(checked) <= newer
 
 
-@pytest.mark.skipif("landlock" not in ISOLATION, reason=f"no Landlock on this machine: {ISOLATION}")
+@needs("landlock")
 @pytest.mark.parametrize("abi", range(1, 8))
 def test_the_ruleset_of_each_landlock_abi_confines_and_keeps_python_working(tmp_path, abi):
     # The ruleset an older kernel would get (fewer rights, a shorter attr): reads outside refused,
     # writes inside and late extension-module loads fine. This kernel accepts newer rights in it too,
     # so whether an old kernel would accept them is only as sure as the table of rights per ABI.
-    kernel_abi = int(ISOLATION.split("landlock abi ")[1].split()[0])
-    if abi > kernel_abi:
-        pytest.skip(f"the kernel speaks Landlock ABI {kernel_abi}")
+    if abi > KERNEL["landlock"]:
+        pytest.skip(f"the kernel speaks Landlock ABI {KERNEL['landlock']}")
     import minicodeparrot.evaluation.sandbox_child as child
 
     outside = tmp_path / "outside.txt"
@@ -433,13 +621,117 @@ def test_the_ruleset_of_each_landlock_abi_confines_and_keeps_python_working(tmp_
     assert (work / "inside.txt").read_text() == "x"
 
 
-def test_require_isolation_refuses_before_generating(monkeypatch, capsys, tmp_path):
-    import minicodeparrot.evaluation.sandbox as sandbox
+# --- the new classes: IPC, metadata, unix sockets, descriptors, tasks, and nothing left behind ------
+@needs("ipc")
+def test_the_hosts_ipc_objects_are_out_of_reach(outcome):
+    r = outcome["results"]
+    for name in ("ipc_host_shm", "ipc_host_mq"):
+        assert r[name].status == FAILED and "No such file or directory" in r[name].reason, r[name]
+    assert outcome["ipc"]["host_shm"] == b"ipc-s3cret!!" and outcome["ipc"]["host_mq"]
 
-    monkeypatch.setattr(sandbox, "isolation_in_force", lambda: "audit hook only")
+
+@needs("landlock")
+def test_posix_shared_memory_is_out_of_reach(outcome):
+    for name in ("ipc_host_posix_shm", "ipc_make_posix_shm"):
+        assert _contained(outcome["results"][name]), outcome["results"][name]
+    assert not Path("/dev/shm/minicodeparrot-made").exists()
+
+
+@needs("ipc")
+def test_ipc_objects_the_child_makes_die_with_it(outcome):
+    assert outcome["results"]["ipc_leftovers"].status == PASSED, outcome["results"]["ipc_leftovers"]
+    ipc = outcome["ipc"]
+    assert ipc["left_shm"] == [] and ipc["left_msg"] == [] and not ipc["left_mq"]
+
+
+@needs("seccomp")
+@pytest.mark.parametrize("name", _escape_names("meta_"))
+def test_metadata_outside_is_unreadable(outcome, name):
+    r = outcome["results"][name]
+    assert _contained(r), r
+    assert "s3cret" not in r.reason and "minicodeparrot-sandbox" not in r.reason
+
+
+@needs("seccomp")
+@pytest.mark.parametrize("name", _escape_names("unix_"))
+def test_no_unix_socket_reaches_outside(outcome, name):
+    assert _contained(outcome["results"][name]), outcome["results"][name]
+    assert not outcome["reached"]
+
+
+@needs("landlock")
+def test_no_descriptor_reopens_into_more(outcome):
+    assert outcome["results"]["fd_reopen"].status == PASSED, outcome["results"]["fd_reopen"]
+
+
+@needs("task cap")
+def test_a_thread_flood_ends_at_the_task_cap(outcome):
+    r = outcome["results"]["task_flood"]
+    found = re.fullmatch(r"RuntimeError: can't start new thread after (\d+) threads", r.reason)
+    assert r.status == FAILED and found, r
+    assert int(found[1]) < 64
+
+
+def test_nothing_the_child_made_outlives_it(outcome):
+    # A thread still sleeping when the program ended, its process, temp dir and task cgroup: all gone.
+    r = outcome["results"]["outlive"]
+    pid, cwd = r.reason.removeprefix("ValueError: ").split()
+    assert "minicodeparrot-sandbox-" in cwd
+    run_dir = Path(cwd).parent
+    assert not Path(f"/proc/{pid}").exists() and not run_dir.exists()
+    assert not Path("/sys/fs/cgroup/pids", run_dir.name).exists()
+
+
+# --- --require-isolation, for real: a child whose confinement fails -------------------------------
+# This process loses Landlock as a kernel without it would (landlock_create_ruleset -> ENOSYS, through
+# a seccomp filter of its own that its children inherit), then asks for isolation three ways.
+_WITHOUT_LANDLOCK = """\
+import ctypes, json, os, struct, sys
+sys.path.insert(0, {repo!r})
+libc = ctypes.CDLL(None, use_errno=True)
+code = b"".join(struct.pack("HBBI", *op) for op in [
+    (0x20, 0, 0, 0), (0x15, 0, 1, 444), (0x06, 0, 0, 0x00050000 | 38), (0x06, 0, 0, 0x7FFF0000)])
+buf = ctypes.create_string_buffer(code, len(code))
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+prog = Prog(4, ctypes.addressof(buf))
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0
+from minicodeparrot import cli
+from minicodeparrot.evaluation import checker, humaneval, sandbox
+marker = {marker!r}
+run = sandbox.run_program(f"open({{marker!r}}, 'w')", require_isolation=True)
+problem = humaneval.load_problems()["HumanEval/0"]
+check = checker.check_completion(problem, problem["canonical_solution"], require_isolation=True)
+codes = []
+for argv in {argvs!r}:
+    try:
+        cli.main(argv)
+        codes.append(0)
+    except SystemExit as e:
+        codes.append(e.code)
+print(json.dumps({{"run": run.reason, "run_status": run.status, "check": check.reason,
+                  "check_status": check.status, "cli": codes, "isolation": run.isolation}}))
+"""
+
+
+def test_require_isolation_fails_closed_when_confinement_fails(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n"}) + "\n")
+    marker = str(tmp_path / "ran")
+    scoring = ["humaneval", "--samples", str(samples), "--limit", "1", "--allow-code-execution",
+               "--require-isolation", "--no-progress", "--output-dir", str(tmp_path / "out")]
     # No model at that path: the refusal must come first, not a model-loading error minutes later.
-    with pytest.raises(SystemExit) as e:
-        cli.main(["humaneval", "--model", str(tmp_path / "no-model"), "--allow-code-execution",
-                  "--require-isolation"])
-    assert e.value.code == 2
-    assert "kernel isolation is required but the sandbox gets only 'audit hook" in capsys.readouterr().err
+    generating = ["humaneval", "--model", str(tmp_path / "no-model"), "--allow-code-execution",
+                  "--require-isolation", "--output-dir", str(tmp_path / "out")]
+    script = _WITHOUT_LANDLOCK.format(repo=str(REPO), marker=marker, argvs=[scoring, generating])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert "landlock" not in got["isolation"] and got["isolation"]  # the child did run, without Landlock
+    for key in ("run", "check"):  # the child's own branch: it refuses before the program runs
+        assert got[f"{key}_status"] == FAILED
+        assert got[key].startswith("sandbox: kernel isolation required but landlock not in force"), got
+    assert not os.path.exists(marker)
+    assert got["cli"] == [2, 2] and out.stderr.count("kernel isolation is required but") == 2, out.stderr
+    assert "(no landlock:" in out.stderr
+    assert not (tmp_path / "out").exists()  # refused before any sample ran or any result was written

@@ -1,0 +1,217 @@
+"""Process groups under torchrun restarts: a dead trainer is replaced and the run finishes bit-exactly.
+
+torchrun keeps its key-value store across restarts, so each attempt's process group must use a namespace of
+its own (minicodeparrot.dist._attempt_store). The runs here SIGKILL one trainer process only (not its
+agent) after a checkpoint, as a crashed rank would die; torchrun then restarts the worker group, which
+resumes from `--resume-from-checkpoint latest`. CPU, gloo, one thread per process (the machine has 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from minicodeparrot.dist import _attempt_store
+from minicodeparrot.training.checkpoint import list_checkpoints
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+ENV["OMP_NUM_THREADS"] = "1"
+STEPS, EVERY = 24, 8  # checkpoints at 8, 16, 24; the kill comes right after the first
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    """Train and validation shards of 32 stdlib modules, a 280-token BPE, a 2-layer 32-wide GPT with
+    dropout (so a resume must restore every rank's RNG too)."""
+    from conftest import stdlib_py_files
+
+    from minicodeparrot.sources.corpus import make_corpus
+    from minicodeparrot.sources.shards import iter_texts
+    from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
+
+    root = tmp_path_factory.mktemp("restarts")
+    src = root / "src"
+    src.mkdir()
+    for f in stdlib_py_files(limit=32, min_bytes=2048, max_bytes=40_000):
+        shutil.copy(f, src / f"{len(list(src.iterdir()))}_{f.name}")
+    make_corpus(root / "corpus", sources=[src], samples_per_file=8, validation_fraction=0.15,
+                show_progress=False)
+    tok = train_bpe(list(iter_texts(root / "corpus" / "train")), 280, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                    show_progress=False)
+    tok.save_pretrained(root / "tok")
+    (root / "model.json").write_text(json.dumps({"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                                                 "embd_pdrop": 0.1, "attn_pdrop": 0.1, "resid_pdrop": 0.1}))
+    return {"tok": root / "tok", "train": root / "corpus" / "train", "valid": root / "corpus" / "valid",
+            "model": root / "model.json"}
+
+
+def _train_args(work: dict, out: Path) -> list[str]:
+    return ["-m", "minicodeparrot", "train", "--preset", "tiny", "--model-config", str(work["model"]),
+            "--tokenizer", str(work["tok"]), "--dataset-name-train", str(work["train"]),
+            "--dataset-name-valid", str(work["valid"]), "--output-dir", str(out), "--seq-length", "32",
+            "--train-batch-size", "4", "--valid-batch-size", "4", "--max-eval-steps", "1",
+            "--num-warmup-steps", "2", "--record-shuffle-buffer", "8", "--sequence-shuffle-buffer", "8",
+            "--max-train-steps", str(STEPS), "--save-checkpoint-steps", str(EVERY), "--data-workers", "0",
+            "--no-progress", "--resume-from-checkpoint", "latest"]
+
+
+def _torchrun(*launch: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--max-restarts=1",
+            "--monitor-interval=0.1", *launch]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """Train loss by step; a step logged twice (re-run after the restart) keeps its last value."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {d["step"]: d["loss"] for d in map(json.loads, lines) if "loss" in d}
+
+
+def _trainer_of(agent: int) -> int:
+    """The pid of the trainer torchrun's agent `agent` runs (its child running minicodeparrot)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if ppid == agent and b"minicodeparrot" in cmd:
+            return int(entry)
+    raise AssertionError(f"torchrun agent {agent} runs no trainer")
+
+
+def _kill_after_first_checkpoint(out: Path, agent: subprocess.Popen, others: list[subprocess.Popen]) -> None:
+    """SIGKILL `agent`'s trainer once step_8 is complete, after leaving a half-written later checkpoint
+    (a crash mid-save) that the restart must not resume from."""
+    deadline = time.time() + 120
+    while not (out / f"step_{EVERY}").exists():
+        assert time.time() < deadline and all(p.poll() is None for p in [agent, *others]), "no checkpoint"
+        time.sleep(0.005)  # a tiny model's step takes ~30 ms
+    half = out / "step_12.tmp"  # not a step it saves at: nothing overwrites it
+    half.mkdir()
+    shutil.copy(out / f"step_{EVERY}" / "trainer_state.pt", half / "trainer_state.pt")  # and no model.pt
+    os.kill(_trainer_of(agent.pid), signal.SIGKILL)
+
+
+def _check(ref: Path, cut: Path, logs: str) -> None:
+    resumed = [line for line in logs.splitlines() if "resumed from" in line]
+    assert resumed and all(f"{cut}/step_" in line for line in resumed), logs[-3000:]
+    step = int(resumed[0].split(f"{cut}/step_")[1].split()[0])
+    assert EVERY <= step < STEPS  # killed mid-run, resumed from a complete checkpoint, not step_12.tmp
+    assert _losses(cut) == _losses(ref)  # every step, bit for bit
+    assert sorted(_losses(cut)) == list(range(1, STEPS + 1))
+    assert (cut / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert (cut / "step_12.tmp").is_dir() and f"step_{STEPS}" in [p.name for p in list_checkpoints(cut)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _attempt(ranks: list[int], world: int, delay: float = 0.0) -> list[dist.Store]:
+    """Run `_attempt_store` for `ranks` concurrently (one thread each, `delay` s apart) as one attempt's
+    workers would; the stores they got, in rank order."""
+    got: dict[int, dist.Store] = {}
+
+    def worker(rank: int) -> None:
+        got[rank] = _attempt_store(rank, world)
+
+    threads = []
+    for rank in ranks:
+        threads.append(threading.Thread(target=worker, args=(rank,), daemon=True))
+        threads[-1].start()
+        time.sleep(delay)
+    for t in threads:
+        t.join(timeout=20)
+    assert sorted(got) == sorted(ranks), "the attempt's ranks never agreed"
+    return [got[r] for r in sorted(got)]
+
+
+def _same_namespace(a: dist.Store, b: dist.Store) -> bool:
+    key = f"probe{time.monotonic_ns()}"
+    a.set(key, "1")
+    return b.check([key])
+
+
+def test_every_rank_of_an_attempt_gets_the_same_fresh_namespace(monkeypatch):
+    """Agreement survives what a plain per-rank counter does not: a rank of an earlier attempt that died
+    halfway through joining (its agent's other workers never arrived), then rank 0 arriving first and
+    finding only the dead rank's leftovers."""
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    first = _attempt([0, 1], 2)
+    assert _same_namespace(*first)
+    # A rank 1 that starts joining and is SIGKILLed before any rank 0 of its attempt shows up.
+    ghost = subprocess.Popen([sys.executable, "-c", "from minicodeparrot.dist import _attempt_store; "
+                              "print('joining', flush=True); _attempt_store(1, 2)"],
+                             env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             stdout=subprocess.PIPE, text=True)
+    assert ghost.stdout.readline() == "joining\n"
+    time.sleep(1.0)
+    ghost.kill()
+    ghost.wait()
+    later = _attempt([0, 1], 2, delay=0.5)  # rank 0 first: it meets the dead rank's leftovers
+    assert _same_namespace(*later)
+    assert not _same_namespace(first[0], later[0]) and not _same_namespace(later[1], first[1])
+    again = _attempt([1, 0], 2, delay=0.5)  # and rank 1 first
+    assert _same_namespace(*again) and not _same_namespace(again[0], later[0])
+    del server
+
+
+@pytest.mark.slow
+def test_restart_after_sigkill_resumes_bit_exactly(work, tmp_path):
+    """One process: the restarted trainer resumes from step_8, not from the half-written step_12.tmp. (A
+    one-rank group has no peer to misdial; the stale-address failure needs two ranks, as in the next test.)"""
+    launch = ["--standalone"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    full = subprocess.run([*_torchrun(*launch), *_train_args(work, ref)], env=ENV, capture_output=True,
+                          text=True, timeout=150)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen([*_torchrun(*launch), *_train_args(work, cut)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _kill_after_first_checkpoint(cut, proc, [])
+        logs, _ = proc.communicate(timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, logs[-3000:]
+    _check(ref, cut, logs)
+
+
+@pytest.mark.slow
+def test_two_nodes_restart_when_one_nodes_trainer_dies(work, tmp_path):
+    """Two torchrun agents (simulated nodes) meet through a c10d rendezvous on loopback. Only node B's
+    trainer dies: node B's agent counts a restart, node A's restarts its trainer without counting one
+    (TORCHELASTIC_RESTART_COUNT differs between the nodes, pytorch issue 108158), and the new group forms."""
+    def launch(out: Path, port: int) -> list[subprocess.Popen]:
+        rdzv = _torchrun("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                         "--rdzv-id=restarts")
+        return [subprocess.Popen([*rdzv, *_train_args(work, out)], env=ENV, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    nodes = launch(ref, _free_port()) + launch(cut, _free_port())
+    try:
+        _kill_after_first_checkpoint(cut, nodes[3], [nodes[2]])
+        logs = [p.communicate(timeout=150)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0, 0, 0], "\n".join(log[-2000:] for log in logs)
+    _check(ref, cut, logs[2] + logs[3])
