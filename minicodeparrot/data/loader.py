@@ -1,9 +1,10 @@
 """Training input off the critical path: persistent data workers with exact resume.
 
-N worker processes per rank live for the whole run, each running its share's `data.Pipeline`
-(read -> tokenize -> pack -> shuffle) and sending whole batches ahead through a bounded prefetch. The
-consumer takes batches round-robin from the workers, so the order is deterministic. N = 0 runs the same
-pipeline in the training process (then the tokenizer starts a process pool per packing buffer).
+N worker processes per rank live for the whole run, each running its part of the data (for training
+a `streams.StreamGroup`, some of the rank's virtual streams; for validation one share's `Pipeline`)
+and sending whole units (a step's rows, a batch) ahead through a bounded prefetch. The consumer takes
+units round-robin from the workers, so the order is deterministic. N = 0 runs the same pipelines in the
+training process (then the tokenizer starts a process pool per packing buffer).
 
 Why not `torch.utils.data.DataLoader`: its workers restart every epoch (cold word caches), and it
 cannot say what state a checkpoint should hold, because the workers run ahead of the batches the loop
@@ -33,7 +34,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,24 +43,13 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from minicodeparrot.data.pipeline import Pipeline, PipelineMirror, build_train_data, build_valid_data
+from minicodeparrot.data.pipeline import Pipeline, PipelineMirror, build_valid_data
 from minicodeparrot.errors import UserError
 
 STATE_VERSION = 1
 _PR_SET_PDEATHSIG = 1
 _F_SETPIPE_SZ = 1031
 _PIPE_BYTES = 1 << 20  # Linux's default limit for unprivileged processes: ~15 batches of 12 x 1024
-
-
-def _batches(pipeline: Pipeline, batch_size: int) -> Iterator[np.ndarray]:
-    rows = []
-    for block in pipeline:
-        rows.append(block)
-        if len(rows) == batch_size:
-            yield np.stack(rows)
-            rows = []
-    if rows:
-        yield np.stack(rows)
 
 
 def _describe(e: BaseException) -> str:
@@ -104,7 +94,7 @@ def _worker_main(index: int, make: Callable[..., Pipeline], state: dict | None, 
         if state is not None:
             pipeline.load_state_dict(state)
         pipeline.start_journal()
-        for batch in _batches(pipeline, batch_size):
+        for batch in pipeline.units(batch_size):
             message = pickle.dumps(("batch", batch, pipeline.delta()), protocol=5)
             credits.acquire()  # at most `prefetch` batches wait for the consumer
             conn.send_bytes(message)
@@ -143,13 +133,13 @@ class Loader:
 
     def __init__(self, make: Callable[..., Pipeline], *, batch_size: int, num_workers: int, prefetch: int,
                  device: torch.device | str | None, endless: bool, seq_length: int, sequence_buffer: int,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, mirror: Callable[..., Any] = PipelineMirror):
         if batch_size < 1 or num_workers < 0 or prefetch < 1:
             raise UserError("batch size and prefetch must be at least 1, and data workers at least 0")
         self.make, self.batch_size, self.num_workers, self.prefetch = make, batch_size, num_workers, prefetch
         self.device = torch.device(device or "cpu")
         self.endless, self.seq_length, self.sequence_buffer = endless, seq_length, sequence_buffer
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.mirror = rank, world_size, mirror
         self.shares = max(1, num_workers)
         self.stats: dict[str, int] = {}
         self._start_states: list[dict | None] = [None] * self.shares
@@ -192,7 +182,7 @@ class Loader:
             self._pipeline = self.make(worker=0)
             if self._start_states[0] is not None:
                 self._pipeline.load_state_dict(self._start_states[0])
-            self._batches = _batches(self._pipeline, self.batch_size)
+            self._batches = self._pipeline.units(self.batch_size)
             return
         ctx = mp.get_context("spawn")
         self._procs, self._conns, self._credits, self._mirrors = [], [], [], []
@@ -212,7 +202,7 @@ class Loader:
             self._procs.append(proc)
             self._conns.append(reader)
             self._credits.append(credits)
-            self._mirrors.append(PipelineMirror(self._start_states[w], self.sequence_buffer, self.seq_length))
+            self._mirrors.append(self.mirror(self._start_states[w], self.sequence_buffer, self.seq_length))
         self._active = list(range(self.num_workers))  # workers whose share is not exhausted
         self._turn = self._start_next  # index into _active of the worker whose batch comes next
 
@@ -297,24 +287,6 @@ class Loader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def build_train_loader(dataset: Any, tokenizer: Any, *, seq_length: int, seed: int, batch_size: int,
-                       record_shuffle_buffer: int = 10_000, sequence_shuffle_buffer: int = 10_000,
-                       tokenized: bool = False, rank: int = 0, world_size: int = 1,
-                       text_field: str = "content", num_workers: int = 0, prefetch: int = 4,
-                       device: torch.device | str | None = None) -> Loader:
-    """This rank's endless training batches; see `data.build_train_data` for the pipeline's parameters."""
-    shares = max(1, num_workers)
-    make = partial(build_train_data, dataset, tokenizer, seq_length=seq_length, seed=seed,
-                   record_shuffle_buffer=record_shuffle_buffer,
-                   sequence_shuffle_buffer=sequence_shuffle_buffer, tokenized=tokenized, rank=rank,
-                   world_size=world_size, text_field=text_field, workers=shares,
-                   encode_workers=1 if num_workers else None)
-    per_worker = 0 if tokenized or sequence_shuffle_buffer <= 1 else -(-sequence_shuffle_buffer // shares)
-    return Loader(make, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, device=device,
-                  endless=True, seq_length=seq_length, sequence_buffer=per_worker, rank=rank,
-                  world_size=world_size)
 
 
 def build_valid_loader(dataset: Any, tokenizer: Any, *, seq_length: int, batch_size: int,

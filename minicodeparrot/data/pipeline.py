@@ -1,19 +1,17 @@
-"""What training and validation batches are made of: one share of the data, read -> pack -> shuffle.
+"""What training and validation batches are made of: one part of the data, read -> pack -> shuffle.
 
-A *share* is what one reader sees: DDP rank r of R with N data workers per rank has R*N shares, and
-worker w of rank r reads share r*N + w (`shards.consumer_index`'s numbering), so the shares are disjoint
-and together cover the data. One share's pipeline is
+For training the part is a virtual stream (`streams.py`: stream s of S, whoever computes it); for
+validation it is a *share*, what one reader sees: rank r of R with N data workers per rank has R*N
+shares, and worker w of rank r reads share r*N + w (`shards.consumer_index`'s numbering), so the
+shares are disjoint and together cover the data. One part's pipeline is
 
     ShardStream (files dealt to this share, records through a record ShuffleBuffer)
       -> ConstantLengthDataset (documents joined with EOS, tokenized, cut into seq_length blocks)
       -> Pipeline (blocks through a sequence ShuffleBuffer)
 
 or, for `--tokenized` shards, TokenShardDataset windows (already permuted globally) -> Pipeline without a
-shuffle. `minicodeparrot.data.loader` runs one Pipeline per data worker (or one in the training process) and
-turns blocks into batches.
-
-Buffer sizes are per rank and split over its workers: with N workers each pipeline holds 1/N of the
-records and sequences, so memory and checkpoint size do not grow with N.
+shuffle. `loader.py` runs pipelines in data workers (or in the training process) and turns blocks into
+batches.
 
 Blocks are stored as uint16 while the vocabulary fits (GPT-2's 50,257 ids, CodeParrot's 32,768): the
 sequence buffer is then 10,000 x 1024 x 2 bytes = 20 MB per rank, in memory and in the checkpoint.
@@ -21,7 +19,6 @@ sequence buffer is then 10,000 x 1024 x 2 bytes = 20 MB per rank, in memory and 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,10 +40,6 @@ def validation_sources(spec: Any) -> list[Source]:
     sources = resolve_sources(spec)
     valid = [s for s in sources if "validation" in Path(s.name).name]
     return valid if len(sources) > 1 and valid else sources
-
-
-def _per_worker(size: int, workers: int) -> int:
-    return math.ceil(size / workers)
 
 
 class Pipeline:
@@ -75,6 +68,18 @@ class Pipeline:
             if out is not None:
                 yield out
         yield from self.buffer.drain()
+
+    def units(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Blocks stacked `batch_size` at a time (the last batch of finite data may be shorter): what a
+        data worker sends."""
+        rows = []
+        for block in self:
+            rows.append(block)
+            if len(rows) == batch_size:
+                yield np.stack(rows)
+                rows = []
+        if rows:
+            yield np.stack(rows)
 
     def stats(self) -> dict[str, int]:
         """Counters for reports: bad records skipped and tokens dropped by packing, in this share."""
@@ -165,29 +170,6 @@ def block_dtype(tokenizer: Any = None, vocab_size: int | None = None) -> np.dtyp
     if vocab_size is None:
         vocab_size = max(len(tokenizer), tokenizer.eos_token_id + 1)
     return np.dtype(np.uint16) if token_dtype(vocab_size).itemsize == 2 else np.dtype(np.int32)
-
-
-def build_train_data(dataset: Any, tokenizer: Any, *, seq_length: int, seed: int,
-                     record_shuffle_buffer: int = 10_000, sequence_shuffle_buffer: int = 10_000,
-                     tokenized: bool = False, rank: int = 0, world_size: int = 1, text_field: str = "content",
-                     worker: int = 0, workers: int = 1, encode_workers: int | None = None) -> Pipeline:
-    """The endless, shuffled block stream of worker `worker` of `workers` on rank `rank` of `world_size`.
-
-    `encode_workers` goes to the tokenizer's `encode_batch` (None: a process pool per packing buffer when
-    it runs in the training process; 1: in-process, as a long-lived data worker wants).
-    """
-    share, shares = rank * workers + worker, world_size * workers
-    if tokenized:
-        source = TokenShardDataset(dataset, seq_length=seq_length, rank=share, world_size=shares, seed=seed,
-                                   infinite=True)
-        # The windows are already a global permutation: a sequence buffer would only cost memory.
-        return Pipeline(source, 0, "", block_dtype(vocab_size=source.vocab_size), seq_length)
-    stream = ShardStream(dataset, split_by_rank=True, seed=seed, text_field=text_field, rank=share,
-                         world_size=shares, shuffle_buffer=_per_worker(record_shuffle_buffer, workers))
-    packed = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, infinite=True,
-                                   text_field=text_field, num_workers=encode_workers)
-    return Pipeline(packed, _per_worker(sequence_shuffle_buffer, workers), f"sequences-{seed}-{share}",
-                    block_dtype(tokenizer), seq_length)
 
 
 def build_valid_data(dataset: Any, tokenizer: Any, *, seq_length: int, tokenized: bool = False,

@@ -6,13 +6,17 @@
                         prefix), so it loads into a plain GPT whatever wrapped the model during training
     optimizer.pt        AdamW's moments and step counts; with --zero (each rank holds only its shard of
                         them) one optimizer_rank{r}.pt per rank instead
-    trainer_state.pt    step, LR scheduler, GradScaler, the world size and the run's arguments
-    rank_{r}.pt         one per rank: that rank's RNG states (python, numpy, torch, cuda) and data position
+    trainer_state.pt    step, LR scheduler, GradScaler, the world size, the run's config and data layout
+    rank_{r}.pt         one per rank: that rank's RNG states (python, numpy, torch, cuda) and the states
+                        of the data streams it computes (data/streams.py)
 
-Why per rank. Every rank reads its own part of the stream and draws its own dropout masks: restoring rank
-0's state everywhere would replay rank 0's data on all ranks. Each rank writes its own file, so nothing is
-gathered onto rank 0 (and, under NCCL, nothing travels through GPU memory). With all of it restored, a run
-on CPU killed with SIGKILL and resumed gives bit-identical losses.
+Why per rank. Every rank computes its own data streams and draws its own dropout masks. Each rank writes
+its own file, so nothing is gathered onto rank 0 (and, under NCCL, nothing travels through GPU memory).
+With all of it restored, a run on CPU killed with SIGKILL and resumed gives bit-identical losses.
+
+Any number of ranks can resume it: the data state is kept per virtual stream, not per rank, so a rank of
+the new run collects its streams from whichever files hold them; the weights are whole in model.pt; the
+optimizer state is whole in optimizer.pt, or put back together from the --zero shards and split again.
 
 Why the rename. Everything is written into `step_{N}.tmp/`; after a barrier (every rank has written its
 files) rank 0 renames it to `step_{N}/`. The rename is atomic, so a crash (or a full disk) mid-save leaves
@@ -65,15 +69,43 @@ def is_sharded(optimizer) -> bool:
 
 def _optimizer_shard(optimizer) -> dict:
     # The wrapper's param_groups carry the LR the scheduler set; the local optimizer gets them copied in
-    # at each step, so both are saved: the local state and the wrapper's hyperparameters.
+    # at each step, so both are saved: the local state and the wrapper's hyperparameters. `global_ids`
+    # names each local parameter by its index in the whole model's parameter list, so that the shards of
+    # W ranks can be put back together and split again for another number of ranks.
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"local": optimizer.optim.state_dict(), "groups": groups}
+    global_ids = [index[id(p)] for g in optimizer.optim.param_groups for p in g["params"]]
+    return {"local": optimizer.optim.state_dict(), "groups": groups, "global_ids": global_ids}
 
 
 def _load_optimizer_shard(optimizer, shard: dict) -> None:
     optimizer.optim.load_state_dict(shard["local"])
     for group, saved in zip(optimizer.param_groups, shard["groups"], strict=True):
         group.update(saved)
+
+
+def _full_optimizer_state(path: Path, optimizer, old_world: int) -> dict:
+    """The whole optimizer state in plain AdamW's layout (state keyed by the parameter's global index),
+    from optimizer.pt or from the W shard files of a --zero run. Both AdamW and ZeRO load it: ZeRO keeps
+    the part of it that its own partition of the parameters owns."""
+    if (path / "optimizer.pt").is_file():
+        return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    state: dict = {}
+    groups = None
+    for r in range(old_world):
+        file = path / f"optimizer_rank{r}.pt"
+        if not file.is_file():
+            raise UserError(f"{path} has no {file.name}: the checkpoint is incomplete; resume from an "
+                            "earlier step_N")
+        shard = torch.load(file, map_location="cpu", weights_only=True)
+        for local, value in shard["local"]["state"].items():
+            state[shard["global_ids"][local]] = value
+        groups = shard["groups"]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    param_groups = [{**g, "params": list(range(start, start + n))}
+                    for g, start, n in zip(groups, starts, sizes, strict=True)]
+    return {"state": state, "param_groups": param_groups}
 
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, scaler,
@@ -122,25 +154,49 @@ def resolve_resume(spec: str, output_dir: Path) -> Path | None:
     return path
 
 
+def read_trainer_state(path: Path) -> dict:
+    """step, scheduler, scaler, world size and meta (the run's config and data layout) of a checkpoint."""
+    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler, rank: int = 0,
-                    world_size: int = 1) -> dict:
-    """Restore model, optimizer, schedule and scaler; return {"step", "rank_state" (this rank's)}."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if state["world_size"] != world_size:
-        raise UserError(f"{path} was written by {state['world_size']} ranks but this run has {world_size}; "
-                        f"resume with the same number of processes (the data position is per rank)")
-    sharded_file = path / f"optimizer_rank{rank}.pt"
-    if is_sharded(optimizer) != sharded_file.is_file():
-        saved, now = ("with", "without") if sharded_file.is_file() else ("without", "with")
-        raise UserError(f"{path} was saved {saved} --zero and this run is {now} it; resume with the same "
-                        "--zero setting (the optimizer state is laid out differently)")
+                    world_size: int = 1, streams: list[int] | None = None) -> dict:
+    """Restore model, optimizer, schedule and scaler on any number of ranks; return {"step", "meta",
+    "rng", "data"}: this rank's RNG state and the saved states of the data `streams` it now computes.
+
+    Model and scheduler are rank-independent. The optimizer is too, once put back together: on the same
+    ranks with the same --zero setting each rank reloads exactly what it saved; otherwise every rank reads
+    the whole state (regathered from the --zero shards) and keeps its own part. Data stream states are
+    collected from whichever rank files hold them (stream s was computed by rank s % W of the saving run).
+    """
+    state = read_trainer_state(path)
+    old_world = state["world_size"]
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    if is_sharded(optimizer):
-        _load_optimizer_shard(optimizer, torch.load(sharded_file, map_location="cpu", weights_only=True))
+    own_shard = path / f"optimizer_rank{rank}.pt"
+    if old_world == world_size and is_sharded(optimizer) and own_shard.is_file():
+        _load_optimizer_shard(optimizer, torch.load(own_shard, map_location="cpu", weights_only=True))
     else:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(_full_optimizer_state(path, optimizer, old_world))
     scheduler.load_state_dict(state["scheduler"])
     if state["scaler"] and scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
-    rank_state = torch.load(path / f"rank_{rank}.pt", map_location="cpu", weights_only=True)
-    return {"step": state["step"], "meta": state["meta"], "rank_state": rank_state}
+    files = {r: None for r in sorted({s % old_world for s in streams or []} | {rank % old_world})}
+    for r in files:
+        if not (path / f"rank_{r}.pt").is_file():
+            raise UserError(f"{path} has no rank_{r}.pt (rank {r} of {old_world} never finished writing it): "
+                            "resume from an earlier complete checkpoint")
+        files[r] = torch.load(path / f"rank_{r}.pt", map_location="cpu", weights_only=True)
+    data = _merge_stream_states([files[s % old_world]["data"] for s in streams or []])
+    # The RNG continues exactly on the same ranks; on other ranks dropout masks differ anyway.
+    return {"step": state["step"], "meta": state["meta"], "rng": files[rank % old_world]["rng"], "data": data}
+
+
+def _merge_stream_states(parts: list[dict]) -> dict | None:
+    if not parts:
+        return None
+    if any(p.get("version") != parts[0].get("version") or "streams" not in p for p in parts):
+        return parts[0]  # an old per-rank state: the loader names the problem in one line
+    merged = dict(parts[0], streams={})
+    for p in parts:
+        merged["streams"].update(p["streams"])
+    return merged

@@ -49,6 +49,9 @@ class TrainConfig:
               "leave headroom and fit 8 ranks in a 16-core node), 0 on a CPU (the model needs the cores; 0 "
               "runs the pipeline in the training process)")
     prefetch: int = _setting(4, "batches each data worker keeps ready")
+    data_streams: int | None = _setting(
+        None, "virtual data streams, fixed when the run starts (default: the global batch, one sequence per "
+              "stream and step); a resumed run may use any number of ranks that divides it (data/streams.py)")
     # --- model ---
     model_config: str = _setting("gpt2", "architecture (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl), a "
                                          "config.json, or a model directory to continue from")

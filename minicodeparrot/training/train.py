@@ -41,8 +41,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minicodeparrot.data.loader import build_train_loader, build_valid_loader
+from minicodeparrot.data.loader import build_valid_loader
 from minicodeparrot.data.pretokenize import check_token_shards
+from minicodeparrot.data.streams import (
+    DataLayout,
+    accumulation_steps,
+    build_train_loader,
+    new_layout,
+    stateless_checkpoint_message,
+)
 from minicodeparrot.dist import (
     DistInfo,
     all_reduce_sum,
@@ -54,6 +61,7 @@ from minicodeparrot.dist import (
 from minicodeparrot.errors import UserError
 from minicodeparrot.training.checkpoint import (
     load_checkpoint,
+    read_trainer_state,
     resolve_resume,
     rng_state,
     set_rng_state,
@@ -150,14 +158,17 @@ def optimizer_step(run: Run) -> dict:
     # The loss differs per rank (each saw its own batches) and so may the stop flag: both are summed over
     # ranks. The grad norm needs no collective: DDP already made the gradients equal on every rank. It only
     # joins the summed pair so that all three reach the host in one wait.
+    # The batch hash is summed too: each rank hashed its own sequences. float64 carries the sums exactly
+    # (a hash sum stays below 2**53).
     flag = torch.tensor(float(run.stop.requested), device=dist_info.device)
-    loss_sum, stop_sum = all_reduce_sum(torch.stack([loss, flag]))
-    loss_mean, stop, norm = torch.stack([loss_sum, stop_sum, grad_norm.float()]).tolist()
+    hashes = sum(batch_hashes(batch, run.hash_weights) for batch in micro)
+    summed = all_reduce_sum(torch.stack([loss.double(), flag.double(), hashes.double()]))
+    loss_mean, stop, batch_hash, norm = torch.cat([summed, grad_norm.double().view(1)]).tolist()
     loss_mean /= dist_info.world_size
     # get_last_lr() before scheduler.step(): the LR this update used. Step 1's is 0, since warmup starts at
     # factor 0/warmup; transformers' get_cosine_schedule_with_warmup does the same (the book's runs too).
     stats = {"loss": loss_mean, "grad_norm": norm, "lr": run.scheduler.get_last_lr()[0], "stop": stop > 0,
-             "data_wait_s": data_wait, "finite": math.isfinite(loss_mean)}
+             "data_wait_s": data_wait, "finite": math.isfinite(loss_mean), "batch_hash": int(batch_hash)}
     if stats["finite"]:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -196,6 +207,24 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
     return total / k
 
 
+def batch_hash_weights(seq_length: int, device: torch.device) -> torch.Tensor:
+    """Fixed random int64 weights (the same in every run and on every device) for `batch_hashes`."""
+    g = torch.Generator().manual_seed(20240731)
+    return torch.randint(1, 2**62, (seq_length,), generator=g, dtype=torch.int64).to(device)
+
+
+def batch_hashes(batch: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The sum over the batch's sequences of a 32-bit hash of each, on the device (no host wait).
+
+    A sum of per-sequence hashes depends only on the multiset of sequences, not on how they were spread
+    over ranks and micro-batches, so `batch_hash` in metrics.jsonl compares two runs step by step even
+    when they ran on different numbers of GPUs. The per-sequence hash is a weighted sum of token ids in
+    int64, which wraps around modulo 2**64 identically on every device and in any summation order.
+    """
+    per_sequence = (batch.long() * weights[:batch.size(1)]).sum(dim=1) & 0xFFFFFFFF
+    return per_sequence.sum()
+
+
 def skip_bad_step(run: Run, stats: dict) -> None:
     """A non-finite loss: the update was skipped; stop with one line after `max_bad_steps` of them."""
     run.bad_steps += 1
@@ -213,7 +242,8 @@ def step_metrics(run: Run, stats: dict) -> dict:
     tokens_per_s = tokens_per_step(run) / stats["seconds"]
     metrics = {"loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                "tokens_per_s": tokens_per_s, "data_wait_s": stats["data_wait_s"], "step_s": stats["seconds"],
-               "samples": run.step * cfg.train_batch_size * cfg.gradient_accumulation_steps * world}
+               "samples": run.step * cfg.train_batch_size * cfg.gradient_accumulation_steps * world,
+               "batch_hash": stats["batch_hash"]}
     if run.peak_flops:
         metrics["mfu"] = run.flops_per_token * tokens_per_s / (run.peak_flops * world)
     return metrics
@@ -245,8 +275,9 @@ def save(run: Run) -> None:
     """Checkpoint step_N/ (collective: every rank writes its own RNG and data state)."""
     rank_state = {"rng": rng_state(), "data": run.train_data.state_dict()}
     path = write_checkpoint(Path(run.cfg.output_dir), run.step, run.raw_model, run.optimizer, run.scheduler,
-                            run.scaler, rank_state, {"args": config_dict(run.cfg)}, run.cfg.keep_last,
-                            run.dist_info.rank, run.dist_info.world_size)
+                            run.scaler, rank_state,
+                            {"args": config_dict(run.cfg), "data_layout": run.layout.to_dict()},
+                            run.cfg.keep_last, run.dist_info.rank, run.dist_info.world_size)
     log.info("saved checkpoint %s", path)
 
 
@@ -281,6 +312,8 @@ class Run:
     stop: StopRequest
     flops_per_token: float
     peak_flops: float | None
+    layout: DataLayout  # how the data is divided into streams; fixed for the whole run (data/streams.py)
+    hash_weights: torch.Tensor  # for batch_hash (see batch_hashes)
     step: int = 0  # optimizer updates taken (skipped non-finite steps do not count)
     bad_steps: int = 0
 
@@ -311,13 +344,14 @@ def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = ()) -> Run:
     # hence the GradScaler (disabled, and a no-op, unless --mixed-precision fp16).
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=cfg.mixed_precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    checkpoint = resume_path(cfg)
+    layout = data_layout(cfg, dist_info, checkpoint)
     train_data = build_train_loader(
-        cfg.dataset_name_train, tokenizer, seq_length=cfg.seq_length, seed=cfg.seed,
-        batch_size=cfg.train_batch_size, record_shuffle_buffer=cfg.record_shuffle_buffer,
-        sequence_shuffle_buffer=cfg.sequence_shuffle_buffer, tokenized=cfg.tokenized,
-        rank=dist_info.rank, world_size=dist_info.world_size, num_workers=cfg.data_workers,
-        prefetch=cfg.prefetch, device=dist_info.device)
-    step = resume(cfg, dist_info, raw_model, optimizer, scheduler, scaler, train_data)
+        cfg.dataset_name_train, tokenizer, layout, seq_length=cfg.seq_length, seed=cfg.seed,
+        micro_batch=cfg.train_batch_size, tokenized=cfg.tokenized, rank=dist_info.rank,
+        world_size=dist_info.world_size, num_workers=cfg.data_workers, prefetch=cfg.prefetch,
+        device=dist_info.device)
+    step = resume(checkpoint, dist_info, raw_model, optimizer, scheduler, scaler, train_data)
     run = Run(
         cfg=cfg, dist_info=dist_info, tokenizer=tokenizer, raw_model=raw_model,
         model=wrap_model(raw_model, dist_info, cfg.compile), optimizer=optimizer, scheduler=scheduler,
@@ -326,7 +360,8 @@ def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = ()) -> Run:
         train_data=train_data, batches=first_batch_logged(iter(train_data)),
         metrics=MetricsLog(cfg, dist_info, step), stop=StopRequest(),
         flops_per_token=raw_model.estimate_flops_per_token(cfg.seq_length),
-        peak_flops=peak_flops(dist_info.device), step=step)
+        peak_flops=peak_flops(dist_info.device), layout=layout,
+        hash_weights=batch_hash_weights(cfg.seq_length, dist_info.device), step=step)
     if dist_info.is_main:
         (output_dir / "train_args.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
         (output_dir / "environment.json").write_text(json.dumps(environment(dist_info), indent=2) + "\n")
@@ -359,20 +394,50 @@ def build_model_and_optimizer(cfg: TrainConfig, dist_info: DistInfo, tokenizer) 
     return raw_model, optimizer
 
 
-def resume(cfg: TrainConfig, dist_info: DistInfo, raw_model, optimizer, scheduler, scaler, train_data) -> int:
-    """Load the checkpoint `--resume-from-checkpoint` names, if any; returns the step to continue from."""
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint `--resume-from-checkpoint` names (None: start from step 0)."""
     if not cfg.resume_from_checkpoint:
-        return 0
+        return None
     path = resolve_resume(cfg.resume_from_checkpoint, Path(cfg.output_dir))
     if path is None:
         log.info("no checkpoint in %s yet: starting from step 0", cfg.output_dir)
+    return path
+
+
+def data_layout(cfg: TrainConfig, dist_info: DistInfo, checkpoint: Path | None) -> DataLayout:
+    """The run's data streams and global batch: new for a new run, the checkpoint's when resuming.
+
+    The global batch is part of the run: on resume with another number of ranks (or micro-batch) the
+    gradient accumulation is derived from it, so every optimizer step still averages the same sequences.
+    """
+    world, b = dist_info.world_size, cfg.train_batch_size
+    if checkpoint is None:
+        layout = new_layout(b * cfg.gradient_accumulation_steps * world, world, cfg.data_streams,
+                            cfg.record_shuffle_buffer, cfg.sequence_shuffle_buffer)
+    else:
+        saved = read_trainer_state(checkpoint)["meta"].get("data_layout")
+        if saved is None:
+            raise UserError(f"{checkpoint}: {stateless_checkpoint_message()}")
+        layout = DataLayout(**saved)
+    k = accumulation_steps(layout, world, b)
+    if k != cfg.gradient_accumulation_steps:
+        log.info("gradient accumulation %d (not %d): %d ranks x %d micro-batches x %d sequences = the run's "
+                 "global batch of %d", k, cfg.gradient_accumulation_steps, world, k, b, layout.global_batch)
+        cfg.gradient_accumulation_steps = k
+    return layout
+
+
+def resume(path: Path | None, dist_info: DistInfo, raw_model, optimizer, scheduler, scaler,
+           train_data) -> int:
+    """Load checkpoint `path`, if any, on this rank; returns the step to continue from."""
+    if path is None:
         return 0
     state = load_checkpoint(path, raw_model, optimizer, scheduler, scaler, dist_info.rank,
-                            dist_info.world_size)
-    train_data.load_state_dict(state["rank_state"]["data"])
+                            dist_info.world_size, streams=train_data.streams)
+    train_data.load_state_dict(state["data"])
     # Last: building the model and the data above drew random numbers; the restored generators must
     # continue exactly where the interrupted run's stood after its checkpoint.
-    set_rng_state(state["rank_state"]["rng"])
+    set_rng_state(state["rng"])
     log.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
 
@@ -590,7 +655,8 @@ class MetricsLog:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         for key, value in metrics.items():
-            self.writer.add_scalar(self.TENSORBOARD_NAMES.get(key, key), value, step)
+            if key != "batch_hash":  # an identity, not a quantity to plot
+                self.writer.add_scalar(self.TENSORBOARD_NAMES.get(key, key), value, step)
         if self.bar is not None and "loss" in metrics:
             self.data_wait += metrics["data_wait_s"]
             self.wall += metrics["step_s"]
