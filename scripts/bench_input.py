@@ -3,7 +3,7 @@
     python scripts/bench_input.py --dataset DIR --tokenizer DIR --seq-length 1024 --batch-size 12 \\
         --consumer-tokens-per-s 500000 --steps 400 --data-workers 2
 
-builds the same loader the training loop uses (`loader.build_train_loader`, the preset's shuffle
+builds the same loader the training loop uses (`streams.build_train_loader`, the preset's shuffle
 buffers by default) and consumes it like a GPU that needs `--consumer-tokens-per-s` tokens per second:
 after each batch it sleeps as long as that step would take. It reports the share of wall time spent
 waiting for data and the longest single wait, both after `--warmup-steps` (the first batch waits for
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minicodeparrot.data.loader import build_train_loader  # noqa: E402
+from minicodeparrot.data.streams import build_train_loader, new_layout  # noqa: E402
 from minicodeparrot.tokenizer.bpe import Tokenizer  # noqa: E402
 
 
@@ -62,10 +62,11 @@ def state_megabytes(loader) -> float:
 def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per_s: float | None) -> dict:
     """Consume warm-up + measured steps; waits and wall time are measured after the warm-up only."""
     step_s = args.batch_size * args.seq_length / tokens_per_s if tokens_per_s else 0.0
-    loader = build_train_loader(args.dataset, tokenizer, seq_length=args.seq_length, seed=1,
-                                batch_size=args.batch_size, record_shuffle_buffer=args.record_shuffle_buffer,
-                                sequence_shuffle_buffer=args.sequence_shuffle_buffer,
-                                tokenized=args.tokenized, num_workers=workers, prefetch=args.prefetch)
+    # One rank whose step is one batch: the training loop's default of one stream per sequence.
+    layout = new_layout(args.batch_size, 1, None, args.record_shuffle_buffer, args.sequence_shuffle_buffer)
+    loader = build_train_loader(args.dataset, tokenizer, layout, seq_length=args.seq_length, seed=1,
+                                micro_batch=args.batch_size, tokenized=args.tokenized, num_workers=workers,
+                                prefetch=args.prefetch)
     waits, tokens = [], 0
     with loader:
         t_start = time.perf_counter()
