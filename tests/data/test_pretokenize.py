@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 from conftest import FIXTURES, stdlib_texts
 
@@ -22,7 +23,6 @@ from minicodeparrot.data.pretokenize import (
 from minicodeparrot.errors import UserError
 from minicodeparrot.sources.corpus import make_corpus
 
-tokenizers = pytest.importorskip("tokenizers")
 EOS = 50256
 
 

@@ -10,13 +10,12 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from minicodeparrot.errors import UserError
 from minicodeparrot.model import gpt as model_module
 from minicodeparrot.model.gpt import GPT, GPTConfig
-
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=4)
 
