@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import types
 
 import pytest
@@ -351,7 +350,6 @@ def test_torch_compile_matches_eager(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
     x = _batch()
-    start = time.time()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     eager_loss, eager_grads = _loss_and_grads(model, x, x)
     compiled_loss, compiled_grads = _loss_and_grads(compiled, x, x)
@@ -368,7 +366,6 @@ def test_torch_compile_matches_eager(monkeypatch):
         compiled_bf16 = _loss_and_grads(compiled, x, x)[0]
     torch.testing.assert_close(compiled_bf16, eager_bf16, atol=1e-6, rtol=0)
     assert abs(eager_bf16.item() - eager_loss.item()) > 0  # autocast really ran in bf16
-    assert time.time() - start < 60
 
 
 # --- Hub model repos over HTTP: tests/hubserver.py serves a saved checkpoint as "owner/tiny-model" ---
