@@ -105,53 +105,43 @@ def _final_metrics(metrics_file: Path) -> dict:
     return result
 
 
-def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.0, vocab_size: int = 8000,
-             show_progress: bool = True) -> dict:
-    import torch
-
-    from minicodeparrot.errors import UserError
-    from minicodeparrot.model.generate import complete_code
-    from minicodeparrot.model.gpt import GPT
+def _corpus_and_tokenizer(out: Path, vocab_size: int, show_progress: bool):
+    """Steps 1 and 2: the standard library as shards, and a BPE trained on them (both kept for a rerun)."""
     from minicodeparrot.sources.corpus import make_corpus
     from minicodeparrot.sources.shards import iter_texts
     from minicodeparrot.tokenizer.bpe import Tokenizer
     from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
-    from minicodeparrot.training.train import PRESETS
 
-    if minutes <= 0 or vocab_size < 300:
-        raise UserError("--minutes must be > 0 and --vocab-size at least 300")
-    out = Path(output_dir)
-    corpus, tok_dir, model_dir = out / "corpus", out / "tokenizer", out / "model"
-    t_start = time.perf_counter()
-
+    corpus, tok_dir = out / "corpus", out / "tokenizer"
     print(f"[1/4] corpus: the standard library -> {corpus}", file=sys.stderr)
     if not any(corpus.glob("train/*.json.gz")):
         make_corpus(corpus, show_progress=show_progress)
-
     print(f"[2/4] tokenizer: byte-level BPE, vocab {vocab_size} -> {tok_dir}", file=sys.stderr)
     if (tok_dir / "tokenizer.json").is_file() and len(Tokenizer.from_pretrained(tok_dir)) == vocab_size:
-        tokenizer = Tokenizer.from_pretrained(tok_dir)
-    else:
-        tokenizer = train_bpe(iter_texts(corpus / "train"), vocab_size, initial_alphabet=BYTE_LEVEL_ALPHABET,
-                              show_progress=show_progress)
-        tokenizer.save_pretrained(tok_dir)
+        return corpus, tok_dir, Tokenizer.from_pretrained(tok_dir)
+    tokenizer = train_bpe(iter_texts(corpus / "train"), vocab_size, initial_alphabet=BYTE_LEVEL_ALPHABET,
+                          show_progress=show_progress)
+    tokenizer.save_pretrained(tok_dir)
+    return corpus, tok_dir, tokenizer
 
-    valid_texts = list(iter_texts(corpus / "valid"))
-    encoded = tokenizer.encode_batch(valid_texts, parse_special=False)
-    valid_ids = [ids + [tokenizer.eos_token_id] for ids in encoded]  # packing puts EOS after each file
-    baseline = unigram_entropy(valid_ids)
-    chars = sum(map(len, valid_texts))
-    tokens = sum(map(len, valid_ids))
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tiny = PRESETS["tiny"]
-    steps = _steps_for_budget(minutes * 60, len(tokenizer), tiny["train_batch_size"], tiny["seq_length"],
-                              device)
-    print(f"[3/4] model: tiny preset on {device}, {steps} steps (~{minutes:g} min) -> {model_dir}",
-          file=sys.stderr)
+def _validation_split(corpus: Path, tokenizer) -> dict:
+    """Size of the validation split and its unigram baseline, tokenized as training packs it."""
+    from minicodeparrot.sources.shards import iter_texts
+
+    texts = list(iter_texts(corpus / "valid"))
+    encoded = tokenizer.encode_batch(texts, parse_special=False)
+    ids = [e + [tokenizer.eos_token_id] for e in encoded]  # packing puts EOS after each file
+    return {"files": len(texts), "chars": sum(map(len, texts)), "tokens": sum(map(len, ids)),
+            "baseline": unigram_entropy(ids)}
+
+
+def _train(corpus: Path, tok_dir: Path, model_dir: Path, steps: int, show_progress: bool) -> dict:
+    """Step 3: the very `minicodeparrot train` command a user would type, in a child process."""
+    from minicodeparrot.errors import UserError
+
     if model_dir.exists():
         shutil.rmtree(model_dir)  # a fresh run each time; `minicodeparrot train --resume...` continues one
-    # The demo runs the very command a user would type, in a child process.
     argv = [sys.executable, "-m", "minicodeparrot", "train", "--preset", "tiny", "--tokenizer", str(tok_dir),
             "--dataset-name-train", str(corpus / "train"), "--dataset-name-valid", str(corpus / "valid"),
             "--output-dir", str(model_dir),
@@ -162,24 +152,55 @@ def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.
     t_train = time.perf_counter()
     if subprocess.run(argv).returncode != 0:
         raise UserError("the training step failed (its error is above)")
-    result = _final_metrics(model_dir / "metrics.jsonl")
-    train_s = time.perf_counter() - t_train
+    return {**_final_metrics(model_dir / "metrics.jsonl"), "train_seconds": time.perf_counter() - t_train}
+
+
+def _print_summary(valid: dict, result: dict, completions: dict[str, str]) -> None:
+    baseline, loss = valid["baseline"], result["eval_loss"]
+    print()
+    print(f"validation split: {valid['files']} files, {valid['chars']:,} characters, "
+          f"{valid['tokens']:,} tokens")
+    print(f"unigram baseline: {baseline:.3f} nats/token (perplexity {math.exp(baseline):.1f})")
+    print(f"tiny model after {result['step']} steps ({result['train_seconds'] / 60:.1f} min training): "
+          f"validation loss {loss:.3f} (perplexity {result['perplexity']:.1f}), {baseline - loss:.2f} nats "
+          "below the baseline")
+    for prompt, completion in completions.items():
+        print("\n" + "-" * 60 + "\n" + prompt + completion)
+    print("-" * 60)
+
+
+def run_demo(output_dir: str | Path = "minicodeparrot-demo", minutes: float = 3.0, vocab_size: int = 8000,
+             show_progress: bool = True) -> dict:
+    """Corpus, tokenizer, `minutes` of training and the book's prompts completed; returns the numbers."""
+    import torch
+
+    from minicodeparrot.errors import UserError
+    from minicodeparrot.model.generate import complete_code
+    from minicodeparrot.model.gpt import GPT
+    from minicodeparrot.training.train import PRESETS
+
+    if minutes <= 0 or vocab_size < 300:
+        raise UserError("--minutes must be > 0 and --vocab-size at least 300")
+    t_start = time.perf_counter()
+    out = Path(output_dir)
+    model_dir = out / "model"
+    corpus, tok_dir, tokenizer = _corpus_and_tokenizer(out, vocab_size, show_progress)
+    valid = _validation_split(corpus, tokenizer)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny = PRESETS["tiny"]
+    steps = _steps_for_budget(minutes * 60, len(tokenizer), tiny["train_batch_size"], tiny["seq_length"],
+                              device)
+    print(f"[3/4] model: tiny preset on {device}, {steps} steps (~{minutes:g} min) -> {model_dir}",
+          file=sys.stderr)
+    result = _train(corpus, tok_dir, model_dir, steps, show_progress)
 
     print("[4/4] completions (sampled as in the book: temperature 0.4, top-p 0.95, seed 42)", file=sys.stderr)
     model = GPT.from_pretrained(model_dir).to(device).eval()
     completions = {p: complete_code(model, tokenizer, p, max_new_tokens=48)[0] for p in PROMPTS}
-
-    loss = result["eval_loss"]
-    print()
-    print(f"validation split: {len(valid_texts)} files, {chars:,} characters, {tokens:,} tokens")
-    print(f"unigram baseline: {baseline:.3f} nats/token (perplexity {math.exp(baseline):.1f})")
-    print(f"tiny model after {result['step']} steps ({train_s / 60:.1f} min training): validation loss "
-          f"{loss:.3f} (perplexity {result['perplexity']:.1f}), {baseline - loss:.2f} nats below the "
-          "baseline")
-    for prompt, completion in completions.items():
-        print("\n" + "-" * 60 + "\n" + prompt + completion)
-    print("-" * 60)
+    _print_summary(valid, result, completions)
     print(f"\ntotal {(time.perf_counter() - t_start) / 60:.1f} min; model in {model_dir} "
           f"(try: minicodeparrot generate --model {model_dir} --prompt 'def add(a, b):')")
-    return {"unigram_baseline": baseline, "eval_loss": loss, "perplexity": result["perplexity"],
-            "steps": result["step"], "train_seconds": train_s, "completions": completions}
+    return {"unigram_baseline": valid["baseline"], "eval_loss": result["eval_loss"],
+            "perplexity": result["perplexity"], "steps": result["step"],
+            "train_seconds": result["train_seconds"], "completions": completions}
