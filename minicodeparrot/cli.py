@@ -163,7 +163,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline quickstart: corpus, tokenizer, tiny model, completions")
     p.add_argument("--output-dir", default="minicodeparrot-demo", help="work directory (default %(default)s)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary (default %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 

@@ -181,19 +181,26 @@ def read_header(path: str | Path) -> tuple[np.dtype, int, int]:
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read(HEADER_SIZE)
-    if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
+    rerun = "re-run `minicodeparrot pretokenize`"
+    if len(raw) < HEADER_SIZE:
+        raise UserError(f"{path} is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte token-shard "
+                        f"header; the file is truncated or not a token shard -- {rerun}")
+    if raw[:8] != MAGIC:
         raise UserError(f"{path} is not a minicodeparrot token shard (bad magic); create it with "
                         "`minicodeparrot pretokenize`")
     _, version, itemsize, n_tokens, vocab_size = HEADER.unpack(raw)
     if version != VERSION:
         raise UserError(f"{path} has token-shard format version {version}; this minicodeparrot reads "
-                        f"version {VERSION} -- re-run `minicodeparrot pretokenize`")
+                        f"version {VERSION} -- {rerun}")
     if itemsize not in _DTYPES:
         raise UserError(f"{path} declares {itemsize} bytes per token (expected 2 or 4); the file is corrupt")
-    expected = HEADER_SIZE + n_tokens * itemsize
-    if path.stat().st_size != expected:
-        raise UserError(f"{path} is {path.stat().st_size} bytes but its header promises {expected}; "
-                        "the file is truncated or corrupt -- re-run `minicodeparrot pretokenize`")
+    expected, size = HEADER_SIZE + n_tokens * itemsize, path.stat().st_size
+    if size < expected:
+        raise UserError(f"{path} is {size} bytes but its header promises {expected}; the file is truncated "
+                        f"-- {rerun}")
+    if size > expected:
+        raise UserError(f"{path} is {size} bytes, {size - expected} more than its header promises; the file "
+                        f"is corrupt (or another write appended to it) -- {rerun}")
     return _DTYPES[itemsize], n_tokens, vocab_size
 
 

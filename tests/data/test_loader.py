@@ -111,7 +111,7 @@ def test_workers_die_with_the_trainer(corpus, gpt2_dir):
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
     assert r.returncode == 0, r.stderr[-2000:]
     pid = int(r.stdout.split()[-1])
-    deadline = time.time() + 10
+    deadline = time.time() + 60  # the kernel kills it at once; a busy machine may take a while to reap it
     while children_alive([pid]) and time.time() < deadline:
         time.sleep(0.1)
     assert children_alive([pid]) == []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import tokenizers
 import torch
 from conftest import FIXTURES, stdlib_texts
 
 from minicodeparrot.data.packing import ConstantLengthDataset, estimate_chars_per_token
 from minicodeparrot.errors import UserError
 
-tokenizers = pytest.importorskip("tokenizers")
 EOS = 50256
 
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 from conftest import FIXTURES, stdlib_texts
 
@@ -22,7 +23,6 @@ from minicodeparrot.data.pretokenize import (
 from minicodeparrot.errors import UserError
 from minicodeparrot.sources.corpus import make_corpus
 
-tokenizers = pytest.importorskip("tokenizers")
 EOS = 50256
 
 
@@ -150,19 +150,30 @@ def test_resume_is_exact_across_epochs(shards):
 
 
 def test_malformed_headers_are_user_errors(shards, tmp_path):
+    """Each malformed header has its own message (written out in full here: a shared word would let one
+    check stand in for another)."""
     good = shards[1]["shards"][0].read_bytes()
-    cases = {
-        "magic": b"NOTTOKS\0" + good[8:],
-        "version": good[:8] + struct.pack("<I", 9) + good[12:],
-        "bytes per token": good[:12] + struct.pack("<I", 3) + good[16:],
-        "truncated": good[:-10],
-        "bad magic": b"short",
-    }
-    for i, (problem, data) in enumerate(cases.items()):
+    n = len(good)
+    rerun = "re-run `minicodeparrot pretokenize`"
+    cases = [
+        (b"NOTTOKS\0" + good[8:], "{} is not a minicodeparrot token shard (bad magic); create it with "
+                                  "`minicodeparrot pretokenize`"),
+        (good[:20], "{} is 20 bytes, shorter than the 32-byte token-shard header; the file is truncated or "
+                    f"not a token shard -- {rerun}"),
+        (good[:8] + struct.pack("<I", 9) + good[12:],
+         f"{{}} has token-shard format version 9; this minicodeparrot reads version 1 -- {rerun}"),
+        (good[:12] + struct.pack("<I", 3) + good[16:],
+         "{} declares 3 bytes per token (expected 2 or 4); the file is corrupt"),
+        (good[:-10], f"{{}} is {n - 10} bytes but its header promises {n}; the file is truncated -- {rerun}"),
+        (good + b"\0" * 6, f"{{}} is {n + 6} bytes, 6 more than its header promises; the file is corrupt "
+                           f"(or another write appended to it) -- {rerun}"),
+    ]
+    for i, (data, message) in enumerate(cases):
         path = tmp_path / f"tokens-{i:06d}.bin"
         path.write_bytes(data)
-        with pytest.raises(UserError, match=problem.split()[0]):
+        with pytest.raises(UserError) as e:
             TokenShardDataset(path)
+        assert str(e.value) == message.format(path)
     with pytest.raises(UserError, match="no tokens-"):
         (tmp_path / "empty").mkdir()
         TokenShardDataset(tmp_path / "empty")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from clirun import one_thread_cli, save_tiny_model, torchrun_cli
 
 from minicodeparrot import cli
@@ -21,7 +22,6 @@ def tiny_model_dir(tmp_path_factory, gpt2_dir):
 def test_cli_evaluate_loss_equals_transformers_on_hand_packed_blocks(tmp_path, gpt2_dir, capsys):
     """The expected loss owes nothing to our code: OpenAI's tokenizer files read by `transformers`, the
     book's packing written out by hand, and transformers' GPT2LMHeadModel loaded from our checkpoint."""
-    transformers = pytest.importorskip("transformers")
     from conftest import stdlib_texts
 
     from minicodeparrot.model.gpt import GPT

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tokenizers
 import torch
+import transformers
 
 from minicodeparrot.errors import UserError
 from minicodeparrot.model.generate import (
@@ -16,8 +18,7 @@ from minicodeparrot.model.generate import (
     top_p_filter,
 )
 from minicodeparrot.model.gpt import GPT, GPTConfig
-
-transformers = pytest.importorskip("transformers")
+from minicodeparrot.tokenizer.trainer import BYTE_LEVEL_ALPHABET, train_bpe
 
 
 class CharTokenizer:
@@ -214,3 +215,92 @@ def test_cli_generate_examples_and_prompt(tmp_path, gpt2_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"])
     assert e.value.code == 2
+
+
+# A short module for a tiny model to learn by heart: its greedy continuation of a prefix ending in a
+# `def` line is that function's body followed by the next function, which the stop string "\ndef" must cut.
+OPERATORS = [("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/"), ("mod", "%"), ("power", "**")]
+MODULE = "".join(f"def {name}(a, b):\n    return a {op} b\n\n\n" for name, op in OPERATORS)
+
+
+def _prefix(name: str) -> str:
+    """MODULE up to and including the `def` line of function `name`, without its newline."""
+    return MODULE[: MODULE.index(f"def {name}(a, b):") + len(f"def {name}(a, b):")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(our model, our tokenizer, directory): a 2-layer GPT and a 300-token byte-level BPE trained on
+    MODULE (150 full-batch steps, ~2 s on one idle thread), saved as `minicodeparrot train` saves models.
+
+    A random model's greedy output repeats one token or is blank; this one writes code, so an empty or
+    truncated completion cannot pass for the reference's.
+    """
+    tokenizer = train_bpe([MODULE], 300, initial_alphabet=BYTE_LEVEL_ALPHABET, show_progress=False,
+                          num_workers=1)
+    ids = torch.tensor([tokenizer.encode(MODULE)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs several times faster on one thread of a busy machine
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            _, loss = model(ids, labels=ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.05  # learnt by heart
+    d = tmp_path_factory.mktemp("trained")
+    model.eval().save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return model, tokenizer, d
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The saved model and tokenizer as transformers and `tokenizers` load them: nothing of ours."""
+    d = trained[2]
+    return transformers.GPT2LMHeadModel.from_pretrained(d).eval(), tokenizers.Tokenizer.from_file(
+        str(d / "tokenizer.json"))
+
+
+def _reference_continuation(reference, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
+    """transformers' greedy continuation of `prompt`, tokenized and decoded by the `tokenizers` library."""
+    ref, ref_tok = reference
+    ids = torch.tensor([ref_tok.encode(prompt).ids])
+    eos = ref_tok.token_to_id("<|endoftext|>")
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                       do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, ids.size(1):].tolist()
+    return out, ref_tok.decode(out)
+
+
+def test_greedy_generate_and_complete_code_equal_transformers(trained, reference):
+    model, tokenizer, d = trained
+    for name, body in [("add", "\n    return a + b"), ("div", "\n    return a / b")]:
+        prompt = _prefix(name)
+        ref_ids, ref_text = _reference_continuation(reference, prompt, 24)
+        # The reference writes the body, then goes on into the next function: the cut has work to do.
+        assert ref_text.startswith(body + "\n\n\ndef ") and len(ref_ids) == 24
+        prompt_ids = torch.tensor([tokenizer.encode(prompt)])
+        ours = generate(model, prompt_ids, 24)
+        assert ours[0, prompt_ids.size(1):].tolist() == ref_ids
+        completion = complete_code(model, tokenizer, prompt, max_new_tokens=24, do_sample=False)
+        assert completion == [ref_text.split("\ndef")[0].rstrip()] == [body]  # cut at its first stop string
+
+
+def test_cli_greedy_generate_equals_transformers(trained, reference, capsys):
+    from minicodeparrot.cli import main
+
+    _, _, d = trained
+    prompt = _prefix("mul")
+    _, ref_text = _reference_continuation(reference, prompt, 24)
+    assert ref_text.startswith("\n    return a * b\n\n\ndef div")
+    main(["generate", "--model", str(d), "--prompt", prompt, "--greedy", "--max-new-tokens", "24",
+          "--device", "cpu"])
+    assert capsys.readouterr().out == prompt + ref_text.split("\ndef")[0].rstrip() + "\n"
+    main(["generate", "--model", str(d), "--prompt", prompt, "--greedy", "--max-new-tokens", "24", "--full",
+          "--device", "cpu"])
+    assert capsys.readouterr().out == prompt + ref_text + "\n"

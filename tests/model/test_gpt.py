@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 from minicodeparrot.errors import UserError
 from minicodeparrot.model import gpt as model_module
 from minicodeparrot.model.gpt import GPT, GPTConfig
-
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=3, n_head=4)
 
@@ -352,7 +350,6 @@ def test_torch_compile_matches_eager(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0))
     x = _batch()
-    start = time.time()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     eager_loss, eager_grads = _loss_and_grads(model, x, x)
     compiled_loss, compiled_grads = _loss_and_grads(compiled, x, x)
@@ -369,7 +366,6 @@ def test_torch_compile_matches_eager(monkeypatch):
         compiled_bf16 = _loss_and_grads(compiled, x, x)[0]
     torch.testing.assert_close(compiled_bf16, eager_bf16, atol=1e-6, rtol=0)
     assert abs(eager_bf16.item() - eager_loss.item()) > 0  # autocast really ran in bf16
-    assert time.time() - start < 60
 
 
 # --- Hub model repos over HTTP: tests/hubserver.py serves a saved checkpoint as "owner/tiny-model" ---

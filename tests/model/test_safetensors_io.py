@@ -6,12 +6,11 @@ import json
 import struct
 
 import pytest
+import safetensors.torch as st
 import torch
 
 from minicodeparrot.errors import UserError
 from minicodeparrot.model.safetensors_io import load_file, load_metadata, save_file
-
-st = pytest.importorskip("safetensors.torch")
 
 
 def _tensors():

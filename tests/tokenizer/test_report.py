@@ -112,6 +112,32 @@ def test_cli_tokenizer_report(gpt2_dir, tmp_path, capsys):
     assert "sample: 1 texts, 580 characters, 260 tokens" in out and "(1.000x)" in out
 
 
+def test_cli_compare_with_counts_tokens_like_the_reference(gpt2, gpt2_dir, small_stdlib_texts, tmp_path,
+                                                          capsys):
+    """--compare-with between two different tokenizers, both ways round: each count and the ratio (this
+    tokenizer's tokens over the other's) from token counts of the `tokenizers` library."""
+    code_dir = tmp_path / "code"
+    code = train_new_from_iterator(gpt2, small_stdlib_texts[:40], vocab_size=1000, show_progress=False)
+    code.save_pretrained(code_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, text in enumerate(small_stdlib_texts[150:153]):
+        (data / f"m{i}.py").write_text(text, encoding="utf-8")
+    texts = [p.read_text(encoding="utf-8") for p in sorted(data.glob("*.py"))]  # as the command reads them
+    count = {}
+    for d in (code_dir, gpt2_dir):
+        ref = tokenizers.Tokenizer.from_file(str(d / "tokenizer.json"))
+        count[d] = sum(len(ref.encode(t).ids) for t in texts)
+    assert count[code_dir] < 0.9 * count[gpt2_dir]  # a code vocab is cheaper on code: the ratio is not 1
+    for this, other in [(code_dir, gpt2_dir), (gpt2_dir, code_dir)]:
+        main(["tokenizer-report", str(this), "--dataset", str(data), "--n", "3",
+              "--compare-with", str(other)])
+        out = capsys.readouterr().out
+        expected = (f"tokens vs {other}: {count[this]:,} vs {count[other]:,} "
+                    f"({count[this] / count[other]:.3f}x)")
+        assert expected in out.splitlines()
+
+
 def test_cli_tokenize_json_diffs_clean_against_the_reference(gpt2_dir, tmp_path, capsys, monkeypatch):
     """`tokenize --json`: one {"ids", "tokens", "offsets"} object per input, as the reference's Encoding."""
     ref = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))

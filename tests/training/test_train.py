@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minicodeparrot.errors import UserError
@@ -111,7 +112,6 @@ def test_decay_groups_are_exactly_biases_and_layernorm_gains():
 
 
 def test_decay_groups_match_transformers_gpt2_names():
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=64)
     hf = transformers.GPT2LMHeadModel(cfg)
     decay, no_decay = T.decay_parameter_names(hf)
