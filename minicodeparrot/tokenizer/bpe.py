@@ -252,11 +252,6 @@ class Tokenizer:
         return tokenizer_files.write(directory, self.vocab, self.merges, self.special_tokens)
 
     # --- encoding -------------------------------------------------------------------------------
-    def _cuts(self) -> piece_cuts.CrossIndex:
-        if self._cross_index is None:  # built on the first non-ASCII text
-            self._cross_index = piece_cuts.CrossIndex(self._id_to_bytes.values())
-        return self._cross_index
-
     def _bpe_piece(self, piece: str) -> str:
         """The ids of one piece (as chr(id) characters): BPE, or the BPE of its parts (piece_cuts).
 
@@ -266,10 +261,11 @@ class Tokenizer:
         文 two, 23877 229).
         """
         if not piece.isascii() and len(piece) > 1:
-            cuts = self._cuts()
-            if cuts.free(piece):
+            if self._cross_index is None:  # built on the first non-ASCII piece
+                self._cross_index = piece_cuts.CrossIndex(self._id_to_bytes.values())
+            if self._cross_index.free(piece):
                 return piece.translate(self._char_ids)
-            segments = cuts.segments(piece)
+            segments = self._cross_index.segments(piece)
             if len(segments) > 1:  # each part is looked up (and, if new, BPE'd) on its own
                 return "".join(map(self._cache.__getitem__, segments))
         ids = _bpe(list(map(self._byte_ids.__getitem__, piece.encode("utf-8"))), self._merges)
