@@ -53,6 +53,8 @@ def bytes_to_unicode() -> dict[int, str]:
     non-whitespace character. The 188 printable Latin-1 bytes stand for themselves; the other 68
     (controls, space, DEL, no-break space, soft hyphen) are sent, in byte order, to chr(256),
     chr(257), ...: this is why a space shows up as 'Ġ' and a newline as 'Ċ' in GPT-2 tokens.
+
+    {..., 10: 'Ċ', ..., 32: 'Ġ', 33: '!', ..., 65: 'A', ...}: 256 entries, keys 0..255 in order.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += range(ord("®"), ord("ÿ") + 1)
@@ -71,7 +73,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 
 def char_class(ranges: Sequence[tuple[int, int]], negate: bool = False) -> str:
-    """A regex character class of explicit code-point ranges, e.g. [\\x41-\\x5a\\u00aa]."""
+    """A regex character class of explicit code-point ranges.
+
+    [(0x41, 0x5A), (0xAA, 0xAA)] -> [\\x41-\\x5a\\xaa]; with negate=True, [^\\x41-\\x5a\\xaa].
+    """
     def esc(c: int) -> str:
         return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
 
@@ -89,6 +94,8 @@ _SPLIT_RE = re.compile(SPLIT_PATTERN)
 
 
 def _bmp(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges cut to the Basic Multilingual Plane (U+0000..U+FFFF):
+    [(0x41, 0x5A), (0xFF00, 0x1000F), (0x10400, 0x1044F)] -> [(0x41, 0x5A), (0xFF00, 0xFFFF)]."""
     return [(a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF]
 
 
@@ -117,21 +124,29 @@ def _to_symbols(piece: str) -> str:
 
 
 def split_pieces(text: str) -> list[str]:
-    """The GPT-2 regex pieces of `text`, as raw text: SPLIT_PATTERN's, through the fastest pattern that
-    gives them (ASCII classes, BMP classes, or fast/split.py's stand-ins for text with emoji)."""
+    """The GPT-2 regex pieces of `text`, as raw text.
+
+    "def say_hello():" -> ["def", " say", "_", "hello", "():"].
+
+    SPLIT_PATTERN's pieces, through the fastest pattern that gives them: ASCII classes, BMP classes, or
+    fast/split.py's stand-ins for text with astral characters (emoji).
+    """
     if text.isascii():
         return ASCII_RE.findall(text)
     return _BMP_RE.findall(text) if _ASTRAL.search(text) is None else split_any(text)
 
 
 def pre_tokenize(text: str) -> list[tuple[str, tuple[int, int]]]:
-    """Byte-level pieces with character offsets, like the reference's `ByteLevel().pre_tokenize_str`."""
+    """Byte-level pieces with character offsets, like the reference's `ByteLevel().pre_tokenize_str`:
+    "def say" -> [("def", (0, 3)), ("Ġsay", (3, 7))]."""
     return [(_to_symbols(m.group()), m.span()) for m in _split_re(text).finditer(text)]
 
 
 # BPE works on token ids. A pair (left, right) is the int `left << ID_BITS | right`, and a merge is
 # stored as `rank << ID_BITS | merged_id`: one dict lookup gives both, and the smallest value is
 # the lowest rank. Ints hash and compare in C, without building tuples or strings per pair.
+# GPT-2's 9th merge, (Ġ, s) -> Ġs, is stored as {220 << 20 | 82: 8 << 20 | 264}: ids Ġ = 220, s = 82,
+# rank 8, Ġs = 264. `value & _ID_MASK` (the low 20 bits) is the merged id, 264.
 ID_BITS = 20  # ids below 2**20 (GPT-2's are below 2**16)
 _ID_MASK = (1 << ID_BITS) - 1
 _NO_MERGE = 1 << 62  # the value of a pair that is not a merge
@@ -143,6 +158,12 @@ def _bpe(ids: list[int], merges: dict[int, int]) -> list[int]:
     This is the reference's order (a priority queue of (rank, position)), so `a a a` -> `aa a`.
     `pair[i]` is the merge value of (ids[i], ids[i+1]); after a merge only its two neighbours
     change, and `min`/`index` over the list run in C, which keeps a cache miss cheap.
+
+    " say" with GPT-2 (r<<20|id: a merge of rank r into id; -: not a merge):
+        ids [220, 82, 64, 88] (Ġ s a y)   pair [8<<20|264, 11144<<20|11400, 67<<20|323]
+        ids [264, 64, 88]     (Ġs a y)    pair [217<<20|473, 67<<20|323]
+        ids [264, 323]        (Ġs ay)     pair [654<<20|910]
+        ids [910]             (Ġsay)      pair []
     """
     get = merges.get
     pair = list(map(get, map(or_, map(lshift, ids, repeat(ID_BITS)), ids[1:]), repeat(_NO_MERGE)))
@@ -272,7 +293,8 @@ class Tokenizer:
         return "".join(map(chr, ids))
 
     def _parts(self, text: str, parse_special: bool) -> list[tuple[int, str, bool]]:
-        """(start, substring, is_special) for the stretches between special tokens, and for them.
+        """(start, substring, is_special) for the stretches between special tokens, and for them:
+        "a<|endoftext|>b" -> [(0, "a", False), (1, "<|endoftext|>", True), (14, "b", False)].
 
         Called once per encode: the place to keep the word cache bounded (see CACHE_LIMIT)."""
         if len(self._cache) > CACHE_LIMIT:
