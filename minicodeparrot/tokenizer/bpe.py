@@ -14,7 +14,8 @@ pieces (`Ġself`, `ĊĠĠĠĠĠĠĠ`, ...), so a dict from piece to ids answers 
 hot loop is a regex `findall` plus C-level dict lookups. The other speed paths live beside this
 module: fast/split.py (the split through a pattern of ASCII classes), fast/piece_cuts.py (long
 non-ASCII pieces, e.g. Chinese clauses, cut where no merge can cross) and fast/parallel_encode.py
-(batches over processes). The Hugging Face file formats live in tokenizer/files.py.
+(batches over processes). Here, the pattern of BMP classes for non-ASCII text, and the word cache's
+ids kept as chr(id) strings (see _to_ids). The Hugging Face file formats live in tokenizer/files.py.
 
 The Unicode pitfall: GPT-2's pattern says `\\p{L}`, `\\p{N}` and `\\s`, whose meaning depends on the
 regex engine's Unicode tables. The reference runs it through Oniguruma with tables of its own;
@@ -187,7 +188,7 @@ CACHE_LIMIT = 1 << 18
 
 
 # The word cache keeps a piece's ids as a string of one character per id, chr(id): " say" -> "\u038e"
-# (id 910), "é" -> "\u00c3\u00a9" (ids 195, 102). A text's ids are then one C-level "".join of cached
+# (id 910), "文" -> "\u5d45\u00e5" (ids 23877, 229). A text's ids are then one C-level "".join of cached
 # strings, read as ints once at the end (`_to_ids`), and a Chinese clause's ids are one C-level
 # `str.translate` of its characters (see Tokenizer._bpe_piece).
 _UTF32 = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"  # the byte order of a uint32 here

@@ -40,7 +40,12 @@ def count_pairs(words: dict[tuple[str, ...], int]) -> Counter:
 
 def train(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = ("<|endoftext|>",)
           ) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of a byte-level BPE of `vocab_size` tokens trained on `texts`."""
+    """(vocab, merges) of a byte-level BPE of `vocab_size` tokens trained on `texts`.
+
+    ["aaa aaa"], 259 -> words {(a, a, a): 1, (Ġ, a, a, a): 1}; pairs (a, a): 4, (Ġ, a): 1, so merge
+    (a, a) -> words (aa, a), (Ġ, aa, a); then (aa, a): 2 beats (Ġ, aa): 1. Ids: <|endoftext|> 0, the 256
+    byte symbols 1..256, "aa" 257, "aaa" 258; merges [("a", "a"), ("aa", "a")].
+    """
     byte_symbol = bytes_to_unicode()
     words = Counter()
     for text in texts:

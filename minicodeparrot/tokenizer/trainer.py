@@ -80,6 +80,7 @@ CHUNK_CHARS = 1 << 21
 
 # --- counting words --------------------------------------------------------------------------
 def _iter_strings(texts: Iterable[str | list[str]]) -> Iterator[str]:
+    """The strings of `texts`, batches flattened: ["a", ["b", "c"]] -> "a", "b", "c"."""
     for item in texts:
         if isinstance(item, str):
             yield item
@@ -95,6 +96,8 @@ def _iter_strings(texts: Iterable[str | list[str]]) -> Iterator[str]:
 
 
 def _chunks(strings: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
+    """Consecutive strings, grouped until a group holds `chunk_chars` characters:
+    "ab", "c", "de", "f" with chunk_chars=3 -> ["ab", "c"], ["de", "f"]."""
     chunk, size = [], 0
     for s in strings:
         chunk.append(s)
@@ -107,7 +110,9 @@ def _chunks(strings: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
 
 
 def _count_chunk(chunk: list[str]) -> tuple[Counter, int]:
-    """Raw (unmapped) regex pieces of the texts; the byte-level mapping is done once per distinct piece."""
+    """Raw (unmapped) regex pieces of the texts, and their length in characters:
+    ["def f", "x"] -> (Counter({"def": 1, " f": 1, "x": 1}), 6). The byte-level mapping comes later, once
+    per distinct piece."""
     counts: Counter = Counter()
     for text in chunk:
         counts.update(split_pieces(text))
@@ -117,6 +122,8 @@ def _count_chunk(chunk: list[str]) -> tuple[Counter, int]:
 def count_words(texts: Iterable[str | list[str]], num_workers: int | None = None,
                 show_progress: bool = True) -> Counter:
     """word (byte-level string such as 'Ġdef') -> number of occurrences in all texts.
+
+    ["def f(x)"] -> Counter({"def": 1, "Ġf": 1, "(": 1, "x": 1, ")": 1}).
 
     The regex pass is most of the training time, so chunks of texts go to `num_workers` processes
     (default: all cores) and their Counters are summed; an input of one chunk stays in-process.
@@ -146,6 +153,8 @@ def count_words(texts: Iterable[str | list[str]], num_workers: int | None = None
 
 # --- merging ---------------------------------------------------------------------------------
 def _build_alphabet(words: Iterable[str], initial_alphabet: Iterable[str] | None) -> list[str]:
+    """Every character of the words and of the initial alphabet, sorted by code point:
+    ["Ġdef", "x"], ["a"] -> ["a", "d", "e", "f", "x", "Ġ"]."""
     chars = set()
     for w in words:
         chars.update(w)
