@@ -282,7 +282,7 @@ class Tokenizer:
         from the per-character table: "中文" -> "\u9f58" + "\u5d45\u00e5" (中 is one token, 40792;
         文 two, 23877 229).
         """
-        if not piece.isascii() and len(piece) > 1:
+        if not piece.isascii() and piece_cuts.TWO_NON_ASCII.search(piece):
             if self._cross_index is None:  # built on the first non-ASCII piece
                 self._cross_index = piece_cuts.CrossIndex(self._id_to_bytes.values())
             if self._cross_index.free(piece):

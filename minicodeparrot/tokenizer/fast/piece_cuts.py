@@ -25,6 +25,8 @@ from itertools import accumulate
 _BETWEEN = re.compile(r"(?<=[^\x00-\x7f])(?=[^\x00-\x7f])")
 _ASCII = re.compile(r"[\x00-\x7f]")
 _CHAR_BOUNDARY = re.compile(rb"[\x80-\xbf](?=[\xc0-\xff])")
+# Two non-ASCII characters in a row: a piece without them has no position this module can cut.
+TWO_NON_ASCII = re.compile(r"[^\x00-\x7f]{2}")
 
 
 def trie_pattern(words: list[bytes]) -> bytes:
