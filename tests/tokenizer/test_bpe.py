@@ -506,3 +506,14 @@ def _cut_pairs(gpt2_dir, tmp_path_factory):
     for tok, _ in _CACHE["cut"]:
         tok._cache.clear()  # every example cuts its pieces anew
     return _CACHE["cut"]
+
+
+def test_ids_in_the_surrogate_range_survive_the_word_cache():
+    # The word cache keeps ids as chr(id); ids 0xD800..0xDFFF are surrogate code points (a vocab of 64k).
+    symbol = bytes_to_unicode()
+    vocab = {c: 0xD780 + i for i, c in enumerate(sorted(symbol.values()))}
+    tok = Tokenizer(vocab, [])
+    text = "Hi ÿ\x7f 中"
+    expected = [vocab[symbol[b]] for b in text.encode("utf-8")]
+    assert max(expected) >= 0xD800 and tok.encode(text) == expected
+    assert tok.decode(expected) == text
