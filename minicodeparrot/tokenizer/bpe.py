@@ -195,7 +195,7 @@ _UTF32 = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"  # the byte o
 
 
 def _to_ids(ids: str) -> list[int]:
-    """The ids in a string of chr(id): "\u038e\u00c6" -> [910, 198]."""
+    """The ids in a string of chr(id): "\\u038e\\u00c6" -> [910, 198]."""
     # UTF-32 writes each character as its code point in 4 bytes: read back as uint32, they are the ids.
     return memoryview(ids.encode(_UTF32, "surrogatepass")).cast("I").tolist()
 
@@ -279,7 +279,7 @@ class Tokenizer:
 
         A Chinese clause is a new piece nearly every time. When no token crosses between any two of
         its characters, its ids are its characters' ids in order, which `str.translate` writes in C
-        from the per-character table: "中文" -> "\u9f58" + "\u5d45\u00e5" (中 is one token, 40792;
+        from the per-character table: "中文" -> "\\u9f58" + "\\u5d45\\u00e5" (中 is one token, 40792;
         文 two, 23877 229).
         """
         if not piece.isascii() and piece_cuts.TWO_NON_ASCII.search(piece):
