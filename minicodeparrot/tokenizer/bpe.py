@@ -14,7 +14,8 @@ pieces (`Ġself`, `ĊĠĠĠĠĠĠĠ`, ...), so a dict from piece to ids answers 
 hot loop is a regex `findall` plus C-level dict lookups. The other speed paths live beside this
 module: fast/split.py (the split through a pattern of ASCII classes), fast/piece_cuts.py (long
 non-ASCII pieces, e.g. Chinese clauses, cut where no merge can cross) and fast/parallel_encode.py
-(batches over processes). The Hugging Face file formats live in tokenizer/files.py.
+(batches over processes). Here, the pattern of BMP classes for non-ASCII text, and the word cache's
+ids kept as chr(id) strings (see _to_ids). The Hugging Face file formats live in tokenizer/files.py.
 
 The Unicode pitfall: GPT-2's pattern says `\\p{L}`, `\\p{N}` and `\\s`, whose meaning depends on the
 regex engine's Unicode tables. The reference runs it through Oniguruma with tables of its own;
@@ -29,8 +30,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain, repeat
+from itertools import repeat
 from operator import lshift, or_
 from pathlib import Path
 
@@ -52,6 +54,8 @@ def bytes_to_unicode() -> dict[int, str]:
     non-whitespace character. The 188 printable Latin-1 bytes stand for themselves; the other 68
     (controls, space, DEL, no-break space, soft hyphen) are sent, in byte order, to chr(256),
     chr(257), ...: this is why a space shows up as 'Ġ' and a newline as 'Ċ' in GPT-2 tokens.
+
+    {..., 10: 'Ċ', ..., 32: 'Ġ', 33: '!', ..., 65: 'A', ...}: 256 entries, keys 0..255 in order.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += range(ord("®"), ord("ÿ") + 1)
@@ -70,7 +74,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 
 def char_class(ranges: Sequence[tuple[int, int]], negate: bool = False) -> str:
-    """A regex character class of explicit code-point ranges, e.g. [\\x41-\\x5a\\u00aa]."""
+    """A regex character class of explicit code-point ranges.
+
+    [(0x41, 0x5A), (0xAA, 0xAA)] -> [\\x41-\\x5a\\xaa]; with negate=True, [^\\x41-\\x5a\\xaa].
+    """
     def esc(c: int) -> str:
         return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}"
 
@@ -86,12 +93,30 @@ SPLIT_PATTERN = rf"""'s|'t|'re|'ve|'m|'ll|'d| ?{_L}+| ?{_N}+| ?{_OTHER}+|{_S}+(?
 # `re`, not `regex`: with explicit classes both give the same pieces, and `re` is faster here.
 _SPLIT_RE = re.compile(SPLIT_PATTERN)
 
+
+def _bmp(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges cut to the Basic Multilingual Plane (U+0000..U+FFFF):
+    [(0x41, 0x5A), (0xFF00, 0x1000F), (0x10400, 0x1044F)] -> [(0x41, 0x5A), (0xFF00, 0xFFFF)]."""
+    return [(a, min(b, 0xFFFF)) for a, b in ranges if a <= 0xFFFF]
+
+
+# The same pattern for text without astral characters (above U+FFFF; emoji are): `re` tests a class of
+# BMP code points with one table lookup, but scans a class's astral ranges one by one for every
+# character outside the table, so this one splits non-ASCII prose 3-4x faster.
+_BMP_L, _BMP_N, _BMP_S = char_class(_bmp(LETTERS)), char_class(_bmp(NUMBERS)), char_class(_bmp(SPACES))
+_BMP_OTHER = char_class(sorted(_bmp(LETTERS) + _bmp(NUMBERS) + _bmp(SPACES)), negate=True)
+_BMP_RE = re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?{_BMP_L}+| ?{_BMP_N}+| ?{_BMP_OTHER}+|{_BMP_S}+"""
+                     rf"""(?!{char_class(_bmp(SPACES), negate=True)})|{_BMP_S}+""")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
 _BYTE_TO_CHAR = bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
 
 
 def _split_re(text: str) -> re.Pattern:
-    return ASCII_RE if text.isascii() else _SPLIT_RE
+    if text.isascii():
+        return ASCII_RE
+    return _BMP_RE if _ASTRAL.search(text) is None else _SPLIT_RE
 
 
 def _to_symbols(piece: str) -> str:
@@ -100,18 +125,29 @@ def _to_symbols(piece: str) -> str:
 
 
 def split_pieces(text: str) -> list[str]:
-    """The GPT-2 regex pieces of `text`, as raw text (SPLIT_PATTERN's; fast/split.py has the speed paths)."""
-    return ASCII_RE.findall(text) if text.isascii() else split_any(text)
+    """The GPT-2 regex pieces of `text`, as raw text.
+
+    "def say_hello():" -> ["def", " say", "_", "hello", "():"].
+
+    SPLIT_PATTERN's pieces, through the fastest pattern that gives them: ASCII classes, BMP classes, or
+    fast/split.py's stand-ins for text with astral characters (emoji).
+    """
+    if text.isascii():
+        return ASCII_RE.findall(text)
+    return _BMP_RE.findall(text) if _ASTRAL.search(text) is None else split_any(text)
 
 
 def pre_tokenize(text: str) -> list[tuple[str, tuple[int, int]]]:
-    """Byte-level pieces with character offsets, like the reference's `ByteLevel().pre_tokenize_str`."""
+    """Byte-level pieces with character offsets, like the reference's `ByteLevel().pre_tokenize_str`:
+    "def say" -> [("def", (0, 3)), ("Ġsay", (3, 7))]."""
     return [(_to_symbols(m.group()), m.span()) for m in _split_re(text).finditer(text)]
 
 
 # BPE works on token ids. A pair (left, right) is the int `left << ID_BITS | right`, and a merge is
 # stored as `rank << ID_BITS | merged_id`: one dict lookup gives both, and the smallest value is
 # the lowest rank. Ints hash and compare in C, without building tuples or strings per pair.
+# GPT-2's 9th merge, (Ġ, s) -> Ġs, is stored as {220 << 20 | 82: 8 << 20 | 264}: ids Ġ = 220, s = 82,
+# rank 8, Ġs = 264. `value & _ID_MASK` (the low 20 bits) is the merged id, 264.
 ID_BITS = 20  # ids below 2**20 (GPT-2's are below 2**16)
 _ID_MASK = (1 << ID_BITS) - 1
 _NO_MERGE = 1 << 62  # the value of a pair that is not a merge
@@ -123,6 +159,12 @@ def _bpe(ids: list[int], merges: dict[int, int]) -> list[int]:
     This is the reference's order (a priority queue of (rank, position)), so `a a a` -> `aa a`.
     `pair[i]` is the merge value of (ids[i], ids[i+1]); after a merge only its two neighbours
     change, and `min`/`index` over the list run in C, which keeps a cache miss cheap.
+
+    " say" with GPT-2 (r<<20|id: a merge of rank r into id; -: not a merge):
+        ids [220, 82, 64, 88] (Ġ s a y)   pair [8<<20|264, 11144<<20|11400, 67<<20|323]
+        ids [264, 64, 88]     (Ġs a y)    pair [217<<20|473, 67<<20|323]
+        ids [264, 323]        (Ġs ay)     pair [654<<20|910]
+        ids [910]             (Ġsay)      pair []
     """
     get = merges.get
     pair = list(map(get, map(or_, map(lshift, ids, repeat(ID_BITS)), ids[1:]), repeat(_NO_MERGE)))
@@ -145,15 +187,29 @@ def _bpe(ids: list[int], merges: dict[int, int]) -> list[int]:
 CACHE_LIMIT = 1 << 18
 
 
-class _WordCache(dict):
-    """piece -> ids. A piece not in it is BPE'd on its first lookup (`__missing__`), so encoding is
-    one C-level `map(cache.__getitem__, pieces)` and no lookup can ever fail."""
+# The word cache keeps a piece's ids as a string of one character per id, chr(id): " say" -> "\u038e"
+# (id 910), "文" -> "\u5d45\u00e5" (ids 23877, 229). A text's ids are then one C-level "".join of cached
+# strings, read as ints once at the end (`_to_ids`), and a Chinese clause's ids are one C-level
+# `str.translate` of its characters (see Tokenizer._bpe_piece).
+_UTF32 = "utf-32-le" if sys.byteorder == "little" else "utf-32-be"  # the byte order of a uint32 here
 
-    def __init__(self, bpe: Callable[[str], tuple[int, ...]]) -> None:
+
+def _to_ids(ids: str) -> list[int]:
+    """The ids in a string of chr(id): "\\u038e\\u00c6" -> [910, 198]."""
+    # UTF-32 writes each character as its code point in 4 bytes: read back as uint32, they are the ids.
+    return memoryview(ids.encode(_UTF32, "surrogatepass")).cast("I").tolist()
+
+
+class _WordCache(dict):
+    """piece -> ids (as chr(id) characters). A piece not in it is BPE'd on its first lookup
+    (`__missing__`), so encoding is one C-level `"".join(map(cache.__getitem__, pieces))` and no
+    lookup can ever fail."""
+
+    def __init__(self, bpe: Callable) -> None:
         super().__init__()
         self.bpe = bpe
 
-    def __missing__(self, piece: str) -> tuple[int, ...]:
+    def __missing__(self, piece):
         ids = self[piece] = self.bpe(piece)
         return ids
 
@@ -189,6 +245,8 @@ class Tokenizer:
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
         self._cache = _WordCache(self._bpe_piece)
+        # code point -> that character's ids (as chr(id)): a `str.translate` table for _fill.
+        self._char_ids = _WordCache(lambda cp: self._cache[chr(cp)])
 
     def _check(self) -> None:
         ids = list(self.vocab.values())
@@ -216,25 +274,33 @@ class Tokenizer:
         return tokenizer_files.write(directory, self.vocab, self.merges, self.special_tokens)
 
     # --- encoding -------------------------------------------------------------------------------
-    def _piece_ids(self, pieces: list[str]) -> Iterable[tuple[int, ...]]:
-        """The ids of each piece; BPE runs once per distinct piece, on its first lookup (_WordCache)."""
-        return map(self._cache.__getitem__, pieces)
+    def _bpe_piece(self, piece: str) -> str:
+        """The ids of one piece (as chr(id) characters): BPE, or the BPE of its parts (piece_cuts).
 
-    def _bpe_piece(self, piece: str) -> tuple[int, ...]:
-        if not piece.isascii() and len(piece) > 2:
-            if self._cross_index is None:
+        A Chinese clause is a new piece nearly every time. When no token crosses between any two of
+        its characters, its ids are its characters' ids in order, which `str.translate` writes in C
+        from the per-character table: "中文" -> "\\u9f58" + "\\u5d45\\u00e5" (中 is one token, 40792;
+        文 two, 23877 229).
+        """
+        if not piece.isascii() and piece_cuts.TWO_NON_ASCII.search(piece):
+            if self._cross_index is None:  # built on the first non-ASCII piece
                 self._cross_index = piece_cuts.CrossIndex(self._id_to_bytes.values())
+            if self._cross_index.free(piece):
+                return piece.translate(self._char_ids)
             segments = self._cross_index.segments(piece)
             if len(segments) > 1:  # each part is looked up (and, if new, BPE'd) on its own
-                return tuple(chain.from_iterable(map(self._cache.__getitem__, segments)))
-        return tuple(_bpe(list(map(self._byte_ids.__getitem__, piece.encode("utf-8"))), self._merges))
+                return "".join(map(self._cache.__getitem__, segments))
+        ids = _bpe(list(map(self._byte_ids.__getitem__, piece.encode("utf-8"))), self._merges)
+        return "".join(map(chr, ids))
 
     def _parts(self, text: str, parse_special: bool) -> list[tuple[int, str, bool]]:
-        """(start, substring, is_special) for the stretches between special tokens, and for them.
+        """(start, substring, is_special) for the stretches between special tokens, and for them:
+        "a<|endoftext|>b" -> [(0, "a", False), (1, "<|endoftext|>", True), (14, "b", False)].
 
         Called once per encode: the place to keep the word cache bounded (see CACHE_LIMIT)."""
         if len(self._cache) > CACHE_LIMIT:
             self._cache.clear()
+            self._char_ids.clear()
         if not parse_special or self._special_re is None:
             return [(0, text, False)]
         parts, pos = [], 0
@@ -254,13 +320,9 @@ class Tokenizer:
         special id. Data packing passes False: a source file that contains the string must not be
         able to forge a document boundary, so it is encoded as the plain text `<|`, `endoftext`, `|>`.
         """
-        ids: list[int] = []
-        for _, part, special in self._parts(text, parse_special):
-            if special:
-                ids.append(self.vocab[part])
-            else:
-                ids.extend(chain.from_iterable(self._piece_ids(split_pieces(part))))
-        return ids
+        ids = [chr(self.vocab[part]) if special else "".join(map(self._cache.__getitem__, split_pieces(part)))
+               for _, part, special in self._parts(text, parse_special)]
+        return _to_ids("".join(ids))
 
     def encode_with_offsets(self, text: str, parse_special: bool = True
                             ) -> tuple[list[int], list[tuple[int, int]]]:
@@ -279,7 +341,8 @@ class Tokenizer:
                 offsets.append((start, start + len(part)))
                 continue
             matches = list(_split_re(part).finditer(part))
-            for m, piece_ids in zip(matches, self._piece_ids([m.group() for m in matches]), strict=True):
+            for m in matches:
+                piece_ids = _to_ids(self._cache[m.group()])
                 ids.extend(piece_ids)
                 # char_of[k]: the character (offset in `text`) that holds byte k of the piece.
                 char_of = [start + m.start() + j for j, ch in enumerate(m.group())

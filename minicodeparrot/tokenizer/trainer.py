@@ -80,6 +80,7 @@ CHUNK_CHARS = 1 << 21
 
 # --- counting words --------------------------------------------------------------------------
 def _iter_strings(texts: Iterable[str | list[str]]) -> Iterator[str]:
+    """The strings of `texts`, batches flattened: ["a", ["b", "c"]] -> "a", "b", "c"."""
     for item in texts:
         if isinstance(item, str):
             yield item
@@ -95,6 +96,8 @@ def _iter_strings(texts: Iterable[str | list[str]]) -> Iterator[str]:
 
 
 def _chunks(strings: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
+    """Consecutive strings, grouped until a group holds `chunk_chars` characters:
+    "ab", "c", "de", "f" with chunk_chars=3 -> ["ab", "c"], ["de", "f"]."""
     chunk, size = [], 0
     for s in strings:
         chunk.append(s)
@@ -107,7 +110,9 @@ def _chunks(strings: Iterator[str], chunk_chars: int) -> Iterator[list[str]]:
 
 
 def _count_chunk(chunk: list[str]) -> tuple[Counter, int]:
-    """Raw (unmapped) regex pieces of the texts; the byte-level mapping is done once per distinct piece."""
+    """Raw (unmapped) regex pieces of the texts, and their length in characters:
+    ["def f", "x"] -> (Counter({"def": 1, " f": 1, "x": 1}), 6). The byte-level mapping comes later, once
+    per distinct piece."""
     counts: Counter = Counter()
     for text in chunk:
         counts.update(split_pieces(text))
@@ -117,6 +122,8 @@ def _count_chunk(chunk: list[str]) -> tuple[Counter, int]:
 def count_words(texts: Iterable[str | list[str]], num_workers: int | None = None,
                 show_progress: bool = True) -> Counter:
     """word (byte-level string such as 'Ġdef') -> number of occurrences in all texts.
+
+    ["def f(x)"] -> Counter({"def": 1, "Ġf": 1, "(": 1, "x": 1, ")": 1}).
 
     The regex pass is most of the training time, so chunks of texts go to `num_workers` processes
     (default: all cores) and their Counters are summed; an input of one chunk stays in-process.
@@ -146,6 +153,8 @@ def count_words(texts: Iterable[str | list[str]], num_workers: int | None = None
 
 # --- merging ---------------------------------------------------------------------------------
 def _build_alphabet(words: Iterable[str], initial_alphabet: Iterable[str] | None) -> list[str]:
+    """Every character of the words and of the initial alphabet, sorted by code point:
+    ["Ġdef", "x"], ["a"] -> ["a", "d", "e", "f", "x", "Ġ"]."""
     chars = set()
     for w in words:
         chars.update(w)
@@ -157,11 +166,14 @@ def _build_alphabet(words: Iterable[str], initial_alphabet: Iterable[str] | None
     return sorted(chars)
 
 
-def _merge_loop(words: list[list[int]], counts: list[int], id_to_token: list[str], vocab_size: int,
-                min_frequency: int, show_progress: bool) -> list[tuple[int, int]]:
-    """BPE merges until the vocab is full; mutates `words` and `id_to_token`; returns merges as id pairs."""
-    V = vocab_size  # every id stays below vocab_size, so left * V + right orders pairs like (left, right)
-    VV = V * V
+def _count_pairs(words: list[list[int]], counts: list[int], V: int
+                 ) -> tuple[dict[int, int], dict[int, set[int]]]:
+    """Every adjacent pair's count over all words (weighted by word count), and the words holding it.
+
+    A pair (left, right) is the int `left * V + right`. With V = 10, words [[1, 2, 1, 2], [2, 1]] and
+    counts [3, 1]: pair_counts {12: 6, 21: 4} ((1, 2) twice in a word seen 3 times) and
+    where {12: {0}, 21: {0, 1}}.
+    """
     pair_counts: dict[int, int] = {}
     where: dict[int, set[int]] = {}
     for wi, w in enumerate(words):
@@ -174,13 +186,75 @@ def _merge_loop(words: list[list[int]], counts: list[int], id_to_token: list[str
                 where[key] = {wi}
             else:
                 s.add(wi)
+    return pair_counts, where
+
+
+def _merge_pair(words: list[list[int]], counts: list[int], pair_counts: dict[int, int],
+                where: dict[int, set[int]], a: int, b: int, new: int, V: int) -> set[int]:
+    """Replace (a, b) by `new` in every word holding it, left to right; return the pairs that gained counts.
+
+    Only the neighbours of each merged occurrence change: the broken pairs lose the word's count, the
+    new ones gain it. With the words of `_count_pairs` and (a, b, new) = (1, 2, 3): [[1, 2, 1, 2], [2, 1]]
+    -> [[3, 3], [2, 1]]; pair_counts {12: 6, 21: 1, 31: 0, 33: 3} ((3, 1) existed between the two
+    merges); returns {31, 33}. (1, 2) keeps its count, as in the reference: no word holds it any more.
+    The left- and right-neighbour updates are spelled out twice on purpose: this is the innermost loop
+    of training, and a helper call per update is a measurable cost in CPython.
+    """
+    get = pair_counts.get
+    grown: set[int] = set()
+    for wi in where.pop(a * V + b):
+        w = words[wi]
+        n = counts[wi]
+        i = 0
+        last = len(w) - 1
+        while i < last:
+            if w[i] == a and w[i + 1] == b:
+                if i > 0:
+                    p = w[i - 1]
+                    k = p * V + a
+                    pair_counts[k] -= n
+                    k = p * V + new
+                    pair_counts[k] = get(k, 0) + n
+                    grown.add(k)
+                    s = where.get(k)
+                    if s is None:
+                        where[k] = {wi}
+                    else:
+                        s.add(wi)
+                w[i:i + 2] = (new,)
+                last -= 1
+                if i < last:
+                    q = w[i + 1]
+                    k = b * V + q
+                    pair_counts[k] -= n
+                    k = new * V + q
+                    pair_counts[k] = get(k, 0) + n
+                    grown.add(k)
+                    s = where.get(k)
+                    if s is None:
+                        where[k] = {wi}
+                    else:
+                        s.add(wi)
+            i += 1
+    return grown
+
+
+def _merge_loop(words: list[list[int]], counts: list[int], id_to_token: list[str], vocab_size: int,
+                min_frequency: int, show_progress: bool) -> list[tuple[int, int]]:
+    """BPE merges until the vocab is full; mutates `words` and `id_to_token`; returns merges as id pairs.
+
+    A heap entry is `key - count * V**2` (see the module docstring): with V = 10, the pair (1, 2) seen 6
+    times is 12 - 600 = -588, below (2, 1) seen 4 times (21 - 400 = -379), so it pops first; and
+    -588 % 100 = 12 gives the pair back, -(-588 // 100) = 6 its count.
+    """
+    V = vocab_size  # every id stays below vocab_size, so left * V + right orders pairs like (left, right)
+    VV = V * V
+    pair_counts, where = _count_pairs(words, counts, V)
     heap = [key - n * VV for key, n in pair_counts.items()]
     heapq.heapify(heap)
-
     token_to_id = {t: i for i, t in enumerate(id_to_token)}
     merges: list[tuple[int, int]] = []
     bar = tqdm(total=vocab_size - len(id_to_token), desc="merging", unit="merge", disable=not show_progress)
-    get = pair_counts.get
     while len(id_to_token) < vocab_size and heap:
         item = heapq.heappop(heap)
         key = item % VV
@@ -203,46 +277,7 @@ def _merge_loop(words: list[list[int]], counts: list[int], id_to_token: list[str
             token_to_id[token] = new
         merges.append((a, b))
         bar.update(1)
-
-        # Rewrite every word holding the pair. The left- and right-neighbour updates below are spelled out
-        # twice on purpose: this is the innermost loop of training, and a helper call per update is a
-        # measurable cost in CPython.
-        grown: set[int] = set()
-        for wi in where.pop(key):
-            w = words[wi]
-            n = counts[wi]
-            i = 0
-            last = len(w) - 1
-            while i < last:
-                if w[i] == a and w[i + 1] == b:
-                    if i > 0:
-                        p = w[i - 1]
-                        k = p * V + a
-                        pair_counts[k] -= n
-                        k = p * V + new
-                        pair_counts[k] = get(k, 0) + n
-                        grown.add(k)
-                        s = where.get(k)
-                        if s is None:
-                            where[k] = {wi}
-                        else:
-                            s.add(wi)
-                    w[i:i + 2] = (new,)
-                    last -= 1
-                    if i < last:
-                        q = w[i + 1]
-                        k = b * V + q
-                        pair_counts[k] -= n
-                        k = new * V + q
-                        pair_counts[k] = get(k, 0) + n
-                        grown.add(k)
-                        s = where.get(k)
-                        if s is None:
-                            where[k] = {wi}
-                        else:
-                            s.add(wi)
-                i += 1
-        for k in grown:
+        for k in _merge_pair(words, counts, pair_counts, where, a, b, new, V):
             n = pair_counts[k]
             if n > 0:
                 heapq.heappush(heap, k - n * VV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 import regex
@@ -18,7 +19,7 @@ from minicodeparrot.errors import UserError
 from minicodeparrot.tokenizer import bpe as tk
 from minicodeparrot.tokenizer import unicode_tables
 from minicodeparrot.tokenizer.bpe import Tokenizer, bytes_to_unicode, pre_tokenize, split_pieces
-from minicodeparrot.tokenizer.fast import parallel_encode
+from minicodeparrot.tokenizer.fast import parallel_encode, piece_cuts
 from minicodeparrot.tokenizer.fast import split as fast_split
 from minicodeparrot.tokenizer.trainer import train_new_from_iterator
 
@@ -174,7 +175,7 @@ def test_every_code_point_in_the_reference_class():
 def test_pattern_has_no_unicode_property_class():
     # Only explicit escapes: \x, \u, \U code points and \t \n \r. No \p{..}, \s, \w, \d, whose meaning
     # would come from the regex engine's own Unicode tables.
-    for pattern in (tk.SPLIT_PATTERN, fast_split.ASCII_PATTERN):
+    for pattern in (tk.SPLIT_PATTERN, fast_split.ASCII_PATTERN, tk._BMP_RE.pattern):
         assert set(regex.findall(r"\\(.)", pattern)) <= {"x", "u", "U", "t", "n", "r"}
     assert "\\p" in tk.GPT2_PATTERN  # (the check above can fail)
     assert unicode_tables.REFERENCE == f"tokenizers {tokenizers.__version__}", (
@@ -194,6 +195,15 @@ def test_ascii_fast_path_equals_unicode_pattern():
     ascii_chars = [chr(c) for c in range(128)]
     text = _probe(ascii_chars) + "".join(random.Random(1).choices(ascii_chars, k=20_000))
     assert fast_split.ASCII_RE.findall(text) == tk._SPLIT_RE.findall(text)
+
+
+def test_bmp_fast_path_equals_unicode_pattern():
+    # The pattern for text without astral characters must agree with the full one on every BMP code point.
+    bmp = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF]
+    text = _probe(bmp) + "".join(random.Random(4).choices(bmp, k=20_000))
+    assert tk._ASTRAL.search(text) is None
+    assert tk._BMP_RE.findall(text) == tk._SPLIT_RE.findall(text)
+    assert split_pieces(text + "🐍") == tk._SPLIT_RE.findall(text + "🐍")  # astral: another path, same pieces
 
 
 # --- encode / decode parity ---------------------------------------------------------------------
@@ -467,6 +477,27 @@ def test_property_cut_pieces_keep_reference_ids(gpt2_dir, tmp_path_factory, text
         assert tok.encode(text) == ref.encode(text).ids
 
 
+def test_trie_pattern_finds_the_longest_word_at_each_start():
+    rng = random.Random(5)
+    for _ in range(200):
+        alphabet = b"ab\xe3\x81"
+        words = list({bytes(rng.choices(alphabet, k=rng.randint(1, 5))) for _ in range(rng.randint(1, 8))})
+        data = bytes(rng.choices(alphabet, k=30))
+        pattern = re.compile(piece_cuts.trie_pattern(words))
+        for start in range(len(data)):
+            longest = max((w for w in words if data.startswith(w, start)), key=len, default=None)
+            m = pattern.match(data, start)
+            assert (m and m.group()) == longest, (words, data[start:])
+
+
+def test_crossing_tokens_are_found_where_they_overlap():
+    # "の魔" and "魔法" (a small vocab holding both) overlap in "の魔法": both boundaries are blocked.
+    index = piece_cuts.CrossIndex([t.encode() for t in ["の魔", "魔法", "中"]])
+    assert index.blocked("の魔法".encode()) == {3, 6}
+    assert not index.free("の魔法") and index.free("中文") and not index.free("中 文")
+    assert index.segments("中の魔法文") == ["中", "の魔法", "文"]
+
+
 def _cut_pairs(gpt2_dir, tmp_path_factory):
     if "cut" not in _CACHE:
         small = _small_tokenizer()
@@ -475,3 +506,14 @@ def _cut_pairs(gpt2_dir, tmp_path_factory):
     for tok, _ in _CACHE["cut"]:
         tok._cache.clear()  # every example cuts its pieces anew
     return _CACHE["cut"]
+
+
+def test_ids_in_the_surrogate_range_survive_the_word_cache():
+    # The word cache keeps ids as chr(id); ids 0xD800..0xDFFF are surrogate code points (a vocab of 64k).
+    symbol = bytes_to_unicode()
+    vocab = {c: 0xD780 + i for i, c in enumerate(sorted(symbol.values()))}
+    tok = Tokenizer(vocab, [])
+    text = "Hi ÿ\x7f 中"
+    expected = [vocab[symbol[b]] for b in text.encode("utf-8")]
+    assert max(expected) >= 0xD800 and tok.encode(text) == expected
+    assert tok.decode(expected) == text

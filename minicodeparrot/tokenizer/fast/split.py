@@ -25,7 +25,8 @@ ASCII_PATTERN = (
 ASCII_RE = re.compile(ASCII_PATTERN)
 
 
-# Speed for text that is not pure ASCII (prose in other scripts, code with a few accents): map
+# Speed for text with astral characters (emoji; other non-ASCII text goes through tokenizer/bpe.py's
+# pattern of BMP classes, which `re` tests with one table lookup, but astral ranges one by one): map
 # every character to an ASCII stand-in of the same class -- a letter to "a", a number to "0", a
 # space to "\t", anything else to "!", ASCII to itself -- run the ASCII pattern on that, and cut
 # the real text at the same places. The stand-ins are safe: "a" is in no contraction ('s, 't, 're,
@@ -39,7 +40,11 @@ _STAND_IN[:128] = np.arange(128, dtype=np.uint8)
 
 
 def split_any(text: str) -> list[str]:
-    """The GPT-2 pieces of any text (same as tokenizer.SPLIT_PATTERN's), through the ASCII pattern."""
+    """The GPT-2 pieces of any text (same as tokenizer.SPLIT_PATTERN's), through the ASCII pattern.
+
+    "¿Qué 3€?" -> stand-ins "!Qua 3!?" -> ASCII pieces "!", "Qua", " 3", "!?" -> the same spans of the
+    text: ["¿", "Qué", " 3", "€?"].
+    """
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     lengths = map(len, ASCII_RE.findall(_STAND_IN[codes].tobytes().decode("ascii")))
     ends = list(accumulate(lengths))
