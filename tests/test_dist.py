@@ -24,7 +24,7 @@ import pytest
 import torch.distributed as dist
 
 from minicodeparrot.dist import _attempt_store
-from minicodeparrot.training.checkpoint import list_checkpoints
+from minicodeparrot.training.checkpoint import list_checkpoints, read_trainer_state
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
@@ -215,3 +215,74 @@ def test_two_nodes_restart_when_one_nodes_trainer_dies(work, tmp_path):
             p.kill()
     assert [p.returncode for p in nodes] == [0, 0, 0, 0], "\n".join(log[-2000:] for log in logs)
     _check(ref, cut, logs[2] + logs[3])
+
+
+# --- membership: a node leaves a --nnodes=1:2 job ---------------------------------------------------------
+# After a node dies, the survivor's agent waits until the rendezvous declares it dead (no heartbeat for
+# keep_alive_interval x keep_alive_max_attempt seconds), then last_call_timeout more for latecomers, and then
+# starts a round with the nodes it has. The defaults (5 s x 3, 30 s) would add 45 s to this test.
+ELASTIC = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2"
+
+
+def _record(out: Path) -> dict[int, tuple[float, int]]:
+    """(loss, batch_hash) by step; a step logged twice (re-run after the restart) keeps its last line."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {d["step"]: (d["loss"], d["batch_hash"]) for d in map(json.loads, lines) if "loss" in d}
+
+
+@pytest.mark.slow
+def test_a_node_leaves_and_the_other_finishes_with_the_same_global_batches(work, tmp_path):
+    """`--nnodes=1:2`: node B (its agent and its trainer) is SIGKILLed after the first checkpoint. Node A's
+    trainer fails on its next collective, its agent forms a new round alone, and its one process resumes the
+    2-rank run with twice the gradient accumulation: every step has the 2-rank run's global batch
+    (batch_hash) and its loss up to float summation order. Node A hosts the rendezvous store (is_host=1),
+    as a real job's --rdzv-endpoint node does: the store dies with its host, so that node must stay."""
+    model = tmp_path / "model.json"  # no dropout: one rank draws other masks than two did
+    model.write_text(json.dumps({"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                                 "embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0}))
+    data = {**work, "model": model}
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    port = _free_port()
+
+    def node(host: bool) -> subprocess.Popen:
+        cmd = [*_torchrun("--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                          "--rdzv-id=membership", f"--rdzv-conf={ELASTIC},is_host={int(host)}"),
+               *_train_args(data, cut)]
+        return subprocess.Popen(cmd, env={**ENV, "LOGLEVEL": "INFO"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    a, b = node(host=True), node(host=False)
+    reference = None
+    try:
+        deadline = time.time() + 120
+        while not (cut / f"step_{EVERY}").exists():
+            assert time.time() < deadline and a.poll() is None and b.poll() is None, "no checkpoint"
+            time.sleep(0.005)
+        trainer = _trainer_of(b.pid)
+        b.kill()  # the agent first: it must not see its trainer die and restart it
+        os.killpg(trainer, signal.SIGKILL)  # torchrun starts each trainer in a session of its own
+        b.communicate(timeout=30)
+        # The uninterrupted 2-rank run starts only now, while node A recovers: started with the nodes it
+        # would slow their start on 2 cores, and node B might then join after node A's last call.
+        reference = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      "--nproc_per_node=2", *_train_args(data, ref)], env=ENV,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        logs = a.communicate(timeout=150)[0]
+        ref_logs = reference.communicate(timeout=150)[0]
+    finally:
+        for p in (a, b, reference):
+            if p is not None:
+                p.kill()
+    assert reference.returncode == 0, ref_logs[-3000:]
+    assert a.returncode == 0, logs[-3000:]
+    worlds = [line.split("=")[1] for line in logs.splitlines() if "group_world_size=" in line]
+    assert worlds == ["2", "1"], logs[-3000:]  # the torchrun agent's rendezvous results
+    resumed = [line for line in logs.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1, logs[-3000:]
+    step = int(resumed[0].split(f"{cut}/step_")[1].split()[0])
+    assert EVERY <= step < STEPS
+    got, want = _record(cut), _record(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert [got[s][1] for s in got] == [want[s][1] for s in got]  # the same sequences in every step
+    assert max(abs(got[s][0] - want[s][0]) for s in got) < 1e-3
+    assert read_trainer_state(cut / f"step_{STEPS}")["world_size"] == 1
