@@ -3,15 +3,17 @@
 Two paths lead here. Offline, once: clean the corpus as CodeParrot did (exact dedup, heuristic
 filters, MinHash near-dedup) and optionally pretokenize it into binary shards. Online, every step:
 tokenize documents, join them with EOS and cut the stream into `seq_length` blocks (the book's
-ConstantLengthDataset), shuffle the blocks, batch them, each rank reading its own share; data
-workers do this in the background and hand back their state with every batch, so resume is exact.
+ConstantLengthDataset), shuffle the blocks, batch them, each rank computing its own virtual streams;
+data workers do this in the background and hand back their state with every batch, so resume is exact.
 
 Read in this order:
 1. `packing.py`     - ConstantLengthDataset: documents in, fixed-length token blocks out.
-2. `pipeline.py`    - one rank's share: read -> pack -> shuffle -> batch, and its resumable state.
-3. `loader.py`      - background data workers that run `pipeline.py` and ship batches with state.
-4. `preprocess.py`  - the `codeparrot-clean` recipe; `dedup.py` - its MinHash near-deduplication.
-5. `pretokenize.py` - tokenize once into memory-mapped shards, for when tokenizing cannot keep up.
+2. `pipeline.py`    - one part of the data: read -> pack -> shuffle, and its resumable state.
+3. `streams.py`     - training data as S virtual streams: the same global batches on any number of
+                      ranks and workers, and a checkpoint any of them can resume.
+4. `loader.py`      - background data workers that run pipelines and ship batches with their state.
+5. `preprocess.py`  - the `codeparrot-clean` recipe; `dedup.py` - its MinHash near-deduplication.
+6. `pretokenize.py` - tokenize once into memory-mapped shards, for when tokenizing cannot keep up.
 
 Skip on a first reading: `loader.py`'s process plumbing (how a worker's death is noticed).
 """

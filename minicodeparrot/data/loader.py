@@ -1,9 +1,10 @@
 """Training input off the critical path: persistent data workers with exact resume.
 
-N worker processes per rank live for the whole run, each running its share's `data.Pipeline`
-(read -> tokenize -> pack -> shuffle) and sending whole batches ahead through a bounded prefetch. The
-consumer takes batches round-robin from the workers, so the order is deterministic. N = 0 runs the same
-pipeline in the training process (then the tokenizer starts a process pool per packing buffer).
+N worker processes per rank live for the whole run, each running its part of the data (for training
+a `streams.StreamGroup`, some of the rank's virtual streams; for validation one share's `Pipeline`)
+and sending whole units (a step's rows, a batch) ahead through a bounded prefetch. The consumer takes
+units round-robin from the workers, so the order is deterministic. N = 0 runs the same pipelines in the
+training process (then the tokenizer starts a process pool per packing buffer).
 
 Why not `torch.utils.data.DataLoader`: its workers restart every epoch (cold word caches), and it
 cannot say what state a checkpoint should hold, because the workers run ahead of the batches the loop

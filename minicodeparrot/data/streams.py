@@ -237,7 +237,7 @@ class TrainLoader:
         """Every stream of this rank, after the last whole step (taken between optimizer steps only)."""
         if self._pending:
             raise RuntimeError("the data state is defined between optimizer steps, not inside one")
-        merged: dict = {}
+        merged: dict = {s: None for s in self.streams}  # None: a stream not started yet
         for states in self.inner.state_dict()["pipelines"]:
             merged.update(states or {})
         return {"version": STATE_VERSION, "layout": self.layout.to_dict(), "streams": merged}
@@ -258,7 +258,8 @@ class TrainLoader:
         self.inner._start_next = 0
 
     def close(self) -> None:
-        self._pending = []
+        """Stop the workers; iterating again continues where this left off (a step's remaining
+        micro-batches first)."""
         self.inner.close()
 
     def __enter__(self) -> TrainLoader:

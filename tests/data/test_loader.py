@@ -17,15 +17,19 @@ import torch
 from conftest import stdlib_texts
 from hubserver import write_shards
 
-from minicodeparrot.data.loader import build_train_loader, build_valid_loader
+from minicodeparrot.data.loader import build_valid_loader
 from minicodeparrot.data.pipeline import build_valid_data
+from minicodeparrot.data.streams import build_train_loader, new_layout
 from minicodeparrot.errors import UserError
 from minicodeparrot.tokenizer.bpe import Tokenizer
 
 TEXTS = stdlib_texts(48)
 # Small buffers, so that a few dozen batches cross packing buffers, fill both shuffle buffers and replace
 # their items: the state then holds everything that has to survive a resume.
-TRAIN = dict(seq_length=64, seed=3, batch_size=4, record_shuffle_buffer=6, sequence_shuffle_buffer=24)
+# A step is 8 sequences from 4 streams, 2 micro-batches of 4.
+LAYOUT = new_layout(global_batch=8, world_size=1, streams=4, record_shuffle_buffer=24,
+                    sequence_shuffle_buffer=96)
+TRAIN = dict(layout=LAYOUT, seq_length=64, seed=3, micro_batch=4)
 
 
 @pytest.fixture(scope="module")
@@ -57,46 +61,6 @@ def children_alive(pids: list[int]) -> list[int]:
     return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
-def test_resume_continues_bitwise(corpus, tok, workers):
-    k, m = 9, 14
-    with build_train_loader(corpus / "train", tok, num_workers=workers, **TRAIN) as loader:
-        full = take(loader, k + m)
-    assert all(b.shape == (4, 64) and b.dtype == torch.long for b in full)
-    assert len({tuple(b.flatten().tolist()) for b in full}) == k + m  # a real stream, not one batch
-    with build_train_loader(corpus / "train", tok, num_workers=workers, **TRAIN) as loader:
-        head = take(loader, k)
-        time.sleep(0.5)  # let the workers run ahead: the state must still be the one after batch k
-        state = checkpointed(loader.state_dict())
-    assert state["shares"] == max(1, workers) and state["next"] == k % max(1, workers)
-    with build_train_loader(corpus / "train", tok, num_workers=workers, **TRAIN) as resumed:
-        resumed.load_state_dict(state)
-        tail = take(resumed, m)
-    for i, (a, b) in enumerate(zip(full, head + tail, strict=True)):
-        assert torch.equal(a, b), f"batch {i} differs after resuming at {k}"
-
-
-def test_other_worker_counts_resume_exactly_or_fail_in_one_line(corpus, tok):
-    with build_train_loader(corpus / "train", tok, num_workers=0, **TRAIN) as loader:
-        full = take(loader, 10)
-    with build_train_loader(corpus / "train", tok, num_workers=0, **TRAIN) as loader:
-        take(loader, 4)
-        state = checkpointed(loader.state_dict())
-    # 0 and 1 workers read the same single share per rank: interchangeable.
-    with build_train_loader(corpus / "train", tok, num_workers=1, **TRAIN) as one:
-        one.load_state_dict(state)
-        assert all(torch.equal(a, b) for a, b in zip(full[4:], take(one, 6), strict=True))
-    two = build_train_loader(corpus / "train", tok, num_workers=2, **TRAIN)
-    with pytest.raises(UserError, match=r"written with --data-workers 0 or 1, this run has 2") as e:
-        two.load_state_dict(state)
-    assert "\n" not in str(e.value)
-    state2 = dict(state, shares=2, pipelines=[None, None], next=1)
-    with pytest.raises(UserError, match=r"--data-workers 2"):
-        build_train_loader(corpus / "train", tok, num_workers=1, **TRAIN).load_state_dict(state2)
-    with pytest.raises(UserError, match="rank 0 of 2"):
-        build_train_loader(corpus / "train", tok, world_size=2, **TRAIN).load_state_dict(state)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_worker_ends_the_consumer_in_one_line(corpus, tok, sig):
     old = signal.signal(signal.SIGTERM, lambda *a: None)  # a trainer's handler: workers must not inherit it
@@ -105,7 +69,7 @@ def test_killed_worker_ends_the_consumer_in_one_line(corpus, tok, sig):
         take(loader, 2)
     finally:
         signal.signal(signal.SIGTERM, old)
-    pids = [p.pid for p in loader._procs]
+    pids = [p.pid for p in loader.inner._procs]
     for pid in pids:  # SIGTERM has its default action, SIGINT is ignored (the trainer handles both)
         status = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                       if ":\t" in line)
@@ -117,8 +81,8 @@ def test_killed_worker_ends_the_consumer_in_one_line(corpus, tok, sig):
         take(loader, 50)  # the batches already sent come first, then the error: never a hang
     assert "\n" not in str(e.value)
     assert children_alive(pids) == []
-    state = loader.state_dict()  # still the position after the last batch taken: a checkpoint can follow
-    assert state["pipelines"][0] is not None and state["pipelines"][1] is not None
+    state = loader.state_dict()  # still the position after the last step taken: a checkpoint can follow
+    assert sorted(state["streams"]) == [0, 1, 2, 3] and all(v is not None for v in state["streams"].values())
 
 
 def test_failing_worker_reports_its_error(corpus, tok, tmp_path):
@@ -126,19 +90,21 @@ def test_failing_worker_reports_its_error(corpus, tok, tmp_path):
     loader = build_train_loader(tmp_path / "tokens", tok, num_workers=1, tokenized=True, **TRAIN)
     with pytest.raises(UserError, match=r"data worker 0 of rank 0 failed: .* holds no tokens-\*\.bin"):
         next(loader)
-    assert children_alive([p.pid for p in loader._procs]) == []
+    assert children_alive([p.pid for p in loader.inner._procs]) == []
 
 
 def test_workers_die_with_the_trainer(corpus, gpt2_dir):
     script = textwrap.dedent(f"""
         import os, sys
-        from minicodeparrot.data.loader import build_train_loader
+        from minicodeparrot.data.streams import build_train_loader, new_layout
         from minicodeparrot.tokenizer.bpe import Tokenizer
         if __name__ == "__main__":
             tok = Tokenizer.from_pretrained({str(gpt2_dir)!r})
-            loader = build_train_loader({str(corpus / "train")!r}, tok, num_workers=1, **{TRAIN!r})
+            layout = new_layout(8, 1, 4, 24, 96)
+            loader = build_train_loader({str(corpus / "train")!r}, tok, layout, num_workers=1, seq_length=64,
+                                        seed=3, micro_batch=4)
             next(loader)
-            print(loader._procs[0].pid, flush=True)
+            print(loader.inner._procs[0].pid, flush=True)
             os._exit(0)  # no clean-up runs: only the kernel's parent-death signal can stop the worker
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -178,6 +144,6 @@ def test_closing_keeps_an_endless_loaders_position(corpus, tok):
     with build_train_loader(corpus / "train", tok, **TRAIN) as loader:
         full = take(loader, 8)
     loader = build_train_loader(corpus / "train", tok, **TRAIN)
-    head = take(loader, 3)
+    head = take(loader, 3)  # in the middle of a step: its last micro-batch is still to come
     loader.close()
     assert all(torch.equal(a, b) for a, b in zip(full, head + take(loader, 5), strict=True))

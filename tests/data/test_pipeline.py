@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import io
-import itertools
 import random
 
 import numpy as np
 import pytest
-import torch
 from conftest import stdlib_texts
 from hubserver import write_shards
 
 from minicodeparrot.data.packing import ConstantLengthDataset
 from minicodeparrot.data.pipeline import (
     PipelineMirror,
-    build_train_data,
     build_valid_data,
     validation_sources,
 )
 from minicodeparrot.data.pretokenize import pretokenize
-from minicodeparrot.errors import UserError
 from minicodeparrot.sources.shards import ShardStream
 from minicodeparrot.sources.shuffle import ShuffleBuffer
 from minicodeparrot.tokenizer.bpe import Tokenizer
@@ -83,49 +78,6 @@ def test_journal_lets_a_mirror_follow_the_buffer():
     state = mirror.state_dict()
     assert np.array_equal(state["sequences"]["items"].numpy(), np.stack(buf.items))
     assert state["sequences"]["rng"] == buf.rng.getstate() and state["source"] == {"step": 29}
-
-
-def test_shares_are_disjoint_and_cover_the_data(tmp_path, tok):
-    write_shards(tmp_path, TEXTS, n_files=7)
-
-    def paths(rank, world, worker, workers):
-        p = build_train_data(tmp_path, tok, seq_length=32, seed=1, record_shuffle_buffer=8, rank=rank,
-                             world_size=world, worker=worker, workers=workers)
-        return [r["path"] for r in p.source.dataset]  # one pass of its ShardStream
-
-    everything = paths(0, 1, 0, 1)
-    parts = [paths(r, 2, w, 2) for r in range(2) for w in range(2)]
-    assert sorted(everything) == sorted(sum(parts, []))
-    assert len(set(everything)) == len(everything) == sum(map(len, parts))
-
-
-def test_pipeline_state_is_compact_and_checkpointable(tmp_path, tok):
-    """uint16 blocks and (file, line) references: ~2 bytes per buffered token, ~24 per buffered record."""
-    write_shards(tmp_path, TEXTS, n_files=4)
-    records, sequences, seq_length = 12, 200, 64
-    pipe = build_train_data(tmp_path, tok, seq_length=seq_length, seed=0, record_shuffle_buffer=records,
-                            sequence_shuffle_buffer=sequences)
-    blocks = iter(pipe)
-    assert next(blocks).dtype == np.uint16  # GPT-2's 50,257 ids fit
-    while pipe.state_dict()["source"]["source_state"] is None:  # until a packing buffer starts mid-file
-        next(blocks)
-    state = pipe.state_dict()
-    assert state["sequences"]["items"].shape == (sequences, seq_length)
-    assert state["source"]["source_state"]["buffer"]["items"].shape == (records, 3)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    text_bytes = sum(len(t.encode()) for t in TEXTS) / len(TEXTS) * records
-    compact = sequences * seq_length * 2 + records * 24 + 32_000
-    assert buf.tell() < compact < text_bytes + sequences * seq_length * 8
-    buf.seek(0)
-    resumed = build_train_data(tmp_path, tok, seq_length=seq_length, seed=0, record_shuffle_buffer=records,
-                               sequence_shuffle_buffer=sequences)
-    resumed.load_state_dict(torch.load(buf, weights_only=True))
-    ahead = list(itertools.islice(blocks, 300))
-    assert all(np.array_equal(a, b) for a, b in zip(ahead, itertools.islice(resumed, 300), strict=True))
-    with pytest.raises(UserError, match="sequence shuffle buffer of 200"):
-        build_train_data(tmp_path, tok, seq_length=seq_length, seed=0, record_shuffle_buffer=records,
-                         sequence_shuffle_buffer=100).load_state_dict(state)
 
 
 def test_valid_data_keeps_validation_shards_and_reads_token_shards(tmp_path, tok):

@@ -73,13 +73,19 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert latest == tmp_path / "step_1"
     fresh = _tiny_gpt(seed=5)
     opt2 = make_optimizer(fresh, 1e-3, 0.1)
-    state = load_checkpoint(latest, fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"), scaler)
-    assert state["step"] == 1 and state["rank_state"]["data"] == {"epoch": 0}
+    state = load_checkpoint(latest, fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"), scaler, streams=[0])
+    assert state["step"] == 1 and state["data"] == {"epoch": 0}
+    assert set(state["rng"]) == set(rank_state["rng"])
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k])
     for step in (2, 3, 4):  # a later save replaces the leftover .tmp; keep_last prunes the oldest
         save_checkpoint(tmp_path, step, model, opt, sched, scaler, rank_state, {}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_3", "step_4"]
-    with pytest.raises(UserError, match="written by 1 ranks"):
+    # Any number of ranks may load it (data/streams.py); a missing rank file is named in one line.
+    state = load_checkpoint(tmp_path / "step_4", fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"),
+                            scaler, rank=1, world_size=2, streams=[1])
+    assert state["step"] == 4
+    (tmp_path / "step_4" / "rank_0.pt").unlink()
+    with pytest.raises(UserError, match=r"has no rank_0.pt \(rank 0 of 1 never finished writing it\)"):
         load_checkpoint(tmp_path / "step_4", fresh, opt2, make_scheduler(opt2, 1, 10, "cosine"),
-                        scaler, rank=0, world_size=2)
+                        scaler, rank=1, world_size=2, streams=[1])
