@@ -6,6 +6,10 @@
 # the other nodes' workers waiting on the dead one. OUT must be on a filesystem all nodes share: every rank
 # writes its own part of each checkpoint (its data position, RNG and, with --zero, which the preset turns on,
 # its shard of the optimizer state) and reads it back on resume.
+# NNODES=1:2 (MIN:MAX) lets the job lose a node: the other node's workers fail on their next collective, its
+# torchrun re-rendezvouses without the lost node (after about 15 s without a heartbeat, plus last_call_timeout,
+# 30 s) and continues from the newest checkpoint with the same global batch of 512, accumulating 32 micro-
+# batches instead of 16. Node 0 (MASTER_ADDR) hosts the rendezvous and must stay. README: Fault tolerance.
 # Pretokenized shards (`minicodeparrot pretokenize`) keep the GPUs fed: --tokenized.
 set -euo pipefail
 NNODES=${NNODES:-2}
