@@ -3,9 +3,9 @@
 torchrun keeps its key-value store across restarts, so each attempt's process group must use a namespace of
 its own (minicodeparrot.dist._attempt_store). The runs here SIGKILL one trainer process only (not its
 agent) after a checkpoint, as a crashed rank would die; torchrun then restarts the worker group, which
-resumes from `--resume-from-checkpoint latest`. The last test takes a whole node away from a
-`--nnodes=1:2` job: the other node goes on alone with the same global batches. CPU, gloo, one thread per
-process (the machine has 2 cores).
+resumes from `--resume-from-checkpoint latest`. The last two tests change the membership of a
+`--nnodes=1:2` job: a whole node leaves and the other goes on alone, or a node joins and the two go on
+together, always with the same global batches. CPU, gloo, one thread per process (the machine has 2 cores).
 """
 
 from __future__ import annotations
