@@ -3,7 +3,9 @@
 torchrun keeps its key-value store across restarts, so each attempt's process group must use a namespace of
 its own (minicodeparrot.dist._attempt_store). The runs here SIGKILL one trainer process only (not its
 agent) after a checkpoint, as a crashed rank would die; torchrun then restarts the worker group, which
-resumes from `--resume-from-checkpoint latest`. CPU, gloo, one thread per process (the machine has 2 cores).
+resumes from `--resume-from-checkpoint latest`. The last two tests change the membership of a
+`--nnodes=1:2` job: a whole node leaves and the other goes on alone, or a node joins and the two go on
+together, always with the same global batches. CPU, gloo, one thread per process (the machine has 2 cores).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 import torch.distributed as dist
 
 from minicodeparrot.dist import _attempt_store
-from minicodeparrot.training.checkpoint import list_checkpoints
+from minicodeparrot.training.checkpoint import list_checkpoints, read_trainer_state
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
@@ -215,3 +217,133 @@ def test_two_nodes_restart_when_one_nodes_trainer_dies(work, tmp_path):
             p.kill()
     assert [p.returncode for p in nodes] == [0, 0, 0, 0], "\n".join(log[-2000:] for log in logs)
     _check(ref, cut, logs[2] + logs[3])
+
+
+# --- membership: nodes leave and join a --nnodes=1:2 job --------------------------------------------------
+# After a node dies, the survivor's agent waits until the rendezvous declares it dead (no heartbeat for
+# keep_alive_interval x keep_alive_max_attempt seconds), then last_call_timeout more for latecomers, and then
+# starts a round with the nodes it has. The defaults (5 s x 3, 30 s) would add 45 s to each test.
+ELASTIC = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2"
+# torch 2.13 shares the agent's TCPStore with the workers, and the agent of rank 0 publishes its address to a
+# round only when it first becomes rank 0: a node that joins later waits for it in vain (60 s, then fails).
+# With the sharing off, rank 0 publishes a fresh address every round (scripts/launch_multi_node.sh does this).
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _record(out: Path) -> dict[int, tuple[float, int]]:
+    """(loss, batch_hash) by step; a step logged twice (re-run after the restart) keeps its last line."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {d["step"]: (d["loss"], d["batch_hash"]) for d in map(json.loads, lines) if "loss" in d}
+
+
+def _no_dropout(work: dict, tmp_path: Path) -> dict:
+    """The work fixture with a model without dropout: one rank draws other masks than two did."""
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps({"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                                 "embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0}))
+    return {**work, "model": model}
+
+
+def _elastic_node(data: dict, out: Path, port: int, host: bool, log: Path, *extra: str) -> subprocess.Popen:
+    """One node of a `--nnodes=1:2` job on loopback; `host`: it holds the rendezvous store, as a real job's
+    --rdzv-endpoint node does (both nodes would think so on loopback). Its output goes to `log`."""
+    cmd = [*_torchrun("--nnodes=1:2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                      "--rdzv-id=membership", f"--rdzv-conf={ELASTIC},is_host={int(host)}"),
+           *_train_args(data, out), *extra]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env={**ENV, **NO_SHARED_STORE, "LOGLEVEL": "INFO"}, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def _reference(data: dict, out: Path, ranks: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={ranks}", *_train_args(data, out), *extra], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(text: str, log: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 120
+    while text not in log.read_text():
+        assert time.time() < deadline and proc.poll() is None, f"no {text!r} in {log}"
+        time.sleep(0.02)
+
+
+def _check_same_batches(ref: Path, cut: Path, logs: str, worlds: list[str], world: int) -> None:
+    """The torchrun agent's rounds had `worlds` nodes, the run resumed once, and every step saw the reference
+    run's global batch (batch_hash) with its loss up to float summation order."""
+    assert [line.split("=")[1] for line in logs.splitlines() if "group_world_size=" in line] == worlds, logs
+    resumed = [line for line in logs.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and EVERY <= int(resumed[0].split(f"{cut}/step_")[1].split()[0]) < STEPS, logs
+    got, want = _record(cut), _record(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert [got[s][1] for s in got] == [want[s][1] for s in got]  # the same sequences in every step
+    assert max(abs(got[s][0] - want[s][0]) for s in got) < 1e-3
+    assert read_trainer_state(cut / f"step_{STEPS}")["world_size"] == world
+
+
+@pytest.mark.slow
+def test_a_node_leaves_and_the_other_finishes_with_the_same_global_batches(work, tmp_path):
+    """Node B (its agent and its trainer) is SIGKILLed after the first checkpoint. Node A's trainer fails on
+    its next collective, its agent forms a new round alone, and its one process resumes the 2-rank run with
+    twice the gradient accumulation. Node A hosts the rendezvous: the store dies with its host."""
+    data, ref, cut, port = _no_dropout(work, tmp_path), tmp_path / "ref", tmp_path / "cut", _free_port()
+    a = _elastic_node(data, cut, port, True, tmp_path / "a.log")
+    b = _elastic_node(data, cut, port, False, tmp_path / "b.log")
+    reference = None
+    try:
+        deadline = time.time() + 120
+        while not (cut / f"step_{EVERY}").exists():
+            assert time.time() < deadline and a.poll() is None and b.poll() is None, "no checkpoint"
+            time.sleep(0.005)
+        trainer = _trainer_of(b.pid)
+        b.kill()  # the agent first: it must not see its trainer die and restart it
+        os.killpg(trainer, signal.SIGKILL)  # torchrun starts each trainer in a session of its own
+        b.wait(timeout=30)
+        # The uninterrupted 2-rank run starts only now, while node A recovers: started with the nodes it
+        # would slow their start on 2 cores, and node B might then join after node A's last call.
+        reference = _reference(data, ref, 2)
+        a.wait(timeout=150)
+        ref_logs = reference.communicate(timeout=150)[0]
+    finally:
+        for p in (a, b, reference):
+            if p is not None:
+                p.kill()
+    logs = (tmp_path / "a.log").read_text()
+    assert reference.returncode == 0, ref_logs[-3000:]
+    assert a.returncode == 0, logs[-3000:]
+    _check_same_batches(ref, cut, logs, ["2", "1"], world=1)
+
+
+@pytest.mark.slow
+def test_a_node_joins_and_the_bigger_group_continues_with_the_same_global_batches(work, tmp_path):
+    """Node A runs alone (a global batch of 8: 4 sequences x 2 micro-batches); node B starts after the first
+    checkpoint. A's agent sees it waiting and stops its trainer with SIGTERM (it saves the step it is on),
+    then both form a round and resume on 2 ranks without accumulation: nothing is lost or repeated."""
+    data, ref, cut, port = _no_dropout(work, tmp_path), tmp_path / "ref", tmp_path / "cut", _free_port()
+    accumulate = ("--gradient-accumulation-steps", "2")
+    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+    a = _elastic_node(data, cut, port, True, a_log, *accumulate)
+    b = reference = None
+    try:
+        deadline = time.time() + 120
+        while not (cut / f"step_{EVERY}").exists():
+            assert time.time() < deadline and a.poll() is None, "no checkpoint"
+            time.sleep(0.005)
+        trainer = _trainer_of(a.pid)
+        os.kill(trainer, signal.SIGSTOP)  # the 24 steps would be over before node B has started
+        b = _elastic_node(data, cut, port, False, b_log, *accumulate)
+        _wait_for("new nodes from group_rank", a_log, a)  # A's agent has seen B and signalled its trainer
+        os.kill(trainer, signal.SIGCONT)
+        reference = _reference(data, ref, 1, *accumulate)
+        a.wait(timeout=150)
+        b.wait(timeout=150)
+        ref_logs = reference.communicate(timeout=150)[0]
+    finally:
+        for p in (a, b, reference):
+            if p is not None:
+                p.kill()
+    logs = a_log.read_text()
+    assert reference.returncode == 0, ref_logs[-3000:]
+    assert a.returncode == 0 and b.returncode == 0, logs[-3000:] + b_log.read_text()[-3000:]
+    assert "stopped at step" in logs
+    _check_same_batches(ref, cut, logs, ["1", "2"], world=2)
