@@ -5,7 +5,8 @@ worker w of rank r reads share r*N + w (`shards.consumer_index`'s numbering), so
 and together cover the data. One share's pipeline is
 
     ShardStream (files dealt to this share, records through a record ShuffleBuffer)
-      -> ConstantLengthDataset (documents joined with EOS, tokenized, cut into seq_length blocks)
+      -> ConstantLengthDataset (documents joined with EOS, tokenized, cut into seq_length blocks;
+                                or, per-file, each document cut alone)
       -> Pipeline (blocks through a sequence ShuffleBuffer)
 
 or, for `--tokenized` shards, TokenShardDataset windows (already permuted globally) -> Pipeline without a
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from minicodeparrot.data.packing import ConstantLengthDataset
-from minicodeparrot.data.pretokenize import TokenShardDataset, token_dtype
+from minicodeparrot.data.pretokenize import TokenShardDataset, check_shard_packing, token_dtype
 from minicodeparrot.errors import UserError
 from minicodeparrot.sources.shards import ShardStream, Source, resolve_sources
 from minicodeparrot.sources.shuffle import ShuffleBuffer
@@ -170,14 +171,17 @@ def block_dtype(tokenizer: Any = None, vocab_size: int | None = None) -> np.dtyp
 def build_train_data(dataset: Any, tokenizer: Any, *, seq_length: int, seed: int,
                      record_shuffle_buffer: int = 10_000, sequence_shuffle_buffer: int = 10_000,
                      tokenized: bool = False, rank: int = 0, world_size: int = 1, text_field: str = "content",
-                     worker: int = 0, workers: int = 1, encode_workers: int | None = None) -> Pipeline:
+                     worker: int = 0, workers: int = 1, encode_workers: int | None = None,
+                     packing: str = "concat") -> Pipeline:
     """The endless, shuffled block stream of worker `worker` of `workers` on rank `rank` of `world_size`.
 
     `encode_workers` goes to the tokenizer's `encode_batch` (None: a process pool per packing buffer when
-    it runs in the training process; 1: in-process, as a long-lived data worker wants).
+    it runs in the training process; 1: in-process, as a long-lived data worker wants). `packing`:
+    "concat" or "per-file" (packing.py); token shards must have been written with the same.
     """
     share, shares = rank * workers + worker, world_size * workers
     if tokenized:
+        check_shard_packing(dataset, packing, seq_length)
         source = TokenShardDataset(dataset, seq_length=seq_length, rank=share, world_size=shares, seed=seed,
                                    infinite=True)
         # The windows are already a global permutation: a sequence buffer would only cost memory.
@@ -185,25 +189,27 @@ def build_train_data(dataset: Any, tokenizer: Any, *, seq_length: int, seed: int
     stream = ShardStream(dataset, split_by_rank=True, seed=seed, text_field=text_field, rank=share,
                          world_size=shares, shuffle_buffer=_per_worker(record_shuffle_buffer, workers))
     packed = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, infinite=True,
-                                   text_field=text_field, num_workers=encode_workers)
+                                   text_field=text_field, num_workers=encode_workers, packing=packing)
     return Pipeline(packed, _per_worker(sequence_shuffle_buffer, workers), f"sequences-{seed}-{share}",
                     block_dtype(tokenizer), seq_length)
 
 
 def build_valid_data(dataset: Any, tokenizer: Any, *, seq_length: int, tokenized: bool = False,
                      rank: int = 0, world_size: int = 1, text_field: str = "content", worker: int = 0,
-                     workers: int = 1, encode_workers: int | None = None) -> Pipeline:
+                     workers: int = 1, encode_workers: int | None = None,
+                     packing: str = "concat") -> Pipeline:
     """This share's part of the validation set, in file order, read once (for `train` and `evaluate-loss`).
 
     Of several shard files, only those named *validation* are used if there are any (`validation_sources`).
     """
     share, shares = rank * workers + worker, world_size * workers
     if tokenized:
+        check_shard_packing(dataset, packing, seq_length)
         source = TokenShardDataset(dataset, seq_length=seq_length, rank=share, world_size=shares,
                                    shuffle=False, infinite=False)
         return Pipeline(source, 0, "", block_dtype(vocab_size=source.vocab_size), seq_length)
     stream = ShardStream(validation_sources(dataset), split_by_rank=True, shuffle_files=False,
                          text_field=text_field, rank=share, world_size=shares)
     packed = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, infinite=False,
-                                   text_field=text_field, num_workers=encode_workers)
+                                   text_field=text_field, num_workers=encode_workers, packing=packing)
     return Pipeline(packed, 0, "", block_dtype(tokenizer), seq_length)
