@@ -304,6 +304,28 @@ def _humaneval(args: argparse.Namespace) -> None:
     humaneval_command(args)
 
 
+# --- the Hub (issue 22) -------------------------------------------------------------------------
+def _add_upload(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "upload", help="push a model folder to a Hugging Face Hub model repo as one commit",
+        description="Uploads every file of DIRECTORY (hidden ones skipped) to REPO_ID, creating the repo if "
+                    "missing; large files go through Git LFS. HF_TOKEN (write access) and HF_ENDPOINT are "
+                    "honoured. Training's --push-to-hub does the same at every checkpoint.")
+    p.add_argument("directory", help="the folder: config.json, model.safetensors, tokenizer files, ...")
+    p.add_argument("repo_id", help="owner/name of the model repo")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps "
+                                                          "its visibility)")
+    p.add_argument("--message", help="commit message (default: upload DIRECTORY's name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_upload)
+
+
+def _upload(args: argparse.Namespace) -> None:
+    from minicodeparrot.sources.upload import upload_command
+
+    upload_command(args)
+
+
 # -----------------------------------------------------------------------------------------------
 def _todo(args: argparse.Namespace) -> None:
     raise UserError(f"'{args.command}' is not implemented yet")
@@ -319,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train, _add_demo,
         _add_preprocess, _add_pretokenize,
         _add_evaluate_loss, _add_humaneval,
+        _add_upload,
     ):
         add(sub)
     return parser

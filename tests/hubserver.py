@@ -8,7 +8,22 @@ It serves local directories as Hub repos on 127.0.0.1:
       Hub's redirect to its CDN; with cross_host=True the redirect goes to http://localhost:{port}, which
       is the same server under a different host name, so a client must not send its token there;
   GET /cdn/...   the bytes, with Range (206), ETag and Content-Length; no auth (the URL is "signed").
-With `token` set, /api and /resolve need `Authorization: Bearer <token>` (else 401).
+With `token` set, /api and /resolve need `Authorization: Bearer <token>` (else 401); `read_token` is a second
+valid token that may read but not write (writes answer 403).
+
+The write side (`sources/upload.py`), like the Hub:
+  POST /api/repos/create {"name", "organization", "private", "type"}: 200, or 409 when it exists; created
+      repos live under `upload_dir` and are then served like the others; GET /api/models/{repo}: 200 or 404;
+  POST /api/models/{repo}/preupload/{rev}: "lfs" for LFS_SUFFIXES and files of `lfs_threshold` bytes or more;
+  POST /{repo}.git/info/lfs/objects/batch: upload + verify actions for objects not yet stored (the upload
+      href is /lfs-store/{oid}, on http://localhost:{port} with cross_host=True, and takes no auth, like a
+      pre-signed storage URL); PUT /lfs-store/{oid} checks the sha256; POST .../objects/verify;
+  POST /api/models/{repo}/commit/{rev}: NDJSON header/file/lfsFile lines, applied at once (all files or
+      none) and recorded in `commits[repo]` as {"summary", "files": {path: sha256}}.
+`upload_faults` is consumed one per write request: ("status", code[, retry_after]), ("drop",) reads the
+request and closes the connection unanswered (nothing applied), ("slow", seconds) sleeps and then applies
+and answers (a client that timed out meanwhile retries: the Hub's real behaviour). `upload_fault_rate(rate,
+seed)` draws 5xx, 429 and drops at random for the write requests.
 `aliases` maps a one-segment legacy model name to its repo (`gpt2` -> `openai-community/gpt2`): like the Hub,
   /{alias}/resolve/... answers 307 with a relative Location under the repo's own name.
 
@@ -25,6 +40,7 @@ in `log` as (method, path, headers).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -42,7 +58,8 @@ LFS_SUFFIXES = (".gz", ".safetensors")
 class HubServer:
     def __init__(self, datasets: dict[str, Path] | None = None, models: dict[str, Path] | None = None,
                  token: str | None = None, page_size: int = 3, cross_host: bool = False,
-                 aliases: dict[str, str] | None = None):
+                 aliases: dict[str, str] | None = None, upload_dir: Path | None = None,
+                 read_token: str | None = None):
         self.repos = {("datasets", k): Path(v) for k, v in (datasets or {}).items()}
         self.repos.update({("models", k): Path(v) for k, v in (models or {}).items()})
         self.token = token
@@ -54,6 +71,16 @@ class HubServer:
         self.body_faults: deque = deque()
         self.api_faults: deque = deque()
         self.log: list[tuple[str, str, dict]] = []
+        self.read_token = read_token
+        self.upload_dir = Path(upload_dir) if upload_dir is not None else None
+        self.lfs_threshold = 10 * 1024 * 1024
+        self.private: dict[str, bool] = {}
+        self.commits: dict[str, list[dict]] = {}
+        self.lfs_store: dict[str, bytes] = {}
+        self.upload_faults: deque = deque()
+        self._upload_random: tuple[float, random.Random] | None = None
+        self.random_upload_faults = 0  # how many upload_fault_rate drew
+        self._write_lock = threading.Lock()
         self._random: tuple[float, random.Random] | None = None
         self._lock = threading.Lock()
         self.httpd = _QuietServer(("127.0.0.1", 0), _Handler)
@@ -67,11 +94,20 @@ class HubServer:
     def random_faults(self, rate: float, seed: int = 0) -> None:
         self._random = (rate, random.Random(seed))
 
+    def upload_fault_rate(self, rate: float, seed: int = 0) -> None:
+        self._upload_random = (rate, random.Random(seed))
+
     def next_fault(self, kind: str, size: int):
         with self._lock:
-            queue = self.body_faults if kind == "body" else self.api_faults
+            queue = {"body": self.body_faults, "api": self.api_faults, "upload": self.upload_faults}[kind]
             if queue:
                 return queue.popleft()
+            if kind == "upload" and self._upload_random is not None:
+                rate, rng = self._upload_random
+                if rng.random() < rate:
+                    self.random_upload_faults += 1
+                    return rng.choice([("status", 500), ("status", 502), ("status", 503),
+                                       ("status", 429, "0"), ("drop",)])
             if kind == "body" and self._random is not None:
                 rate, rng = self._random
                 if rng.random() < rate:
@@ -92,6 +128,11 @@ class HubServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def commit_oid(n: int) -> str:
+    """A stand-in for the git commit id after the repo's n-th commit."""
+    return hashlib.sha1(str(n).encode()).hexdigest()
 
 
 def etag_of(path: Path) -> str:
@@ -128,6 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if self._fault("api", 0) or not self._authorized():
                     return
                 self._tree((parts[1], f"{parts[2]}/{parts[3]}"), parse_qs(url.query))
+            elif parts[:2] == ["api", "models"] and len(parts) == 4:
+                if self._authorized():
+                    found = ("models", f"{parts[2]}/{parts[3]}") in self.hub.repos
+                    self._send(200 if found else 404, json.dumps({"id": f"{parts[2]}/{parts[3]}"}).encode())
             elif parts[:1] == ["cdn"]:
                 self._body(self._file((parts[1], f"{parts[2]}/{parts[3]}"), "/".join(parts[4:])), head)
             elif len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
@@ -143,7 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _authorized(self) -> bool:
-        if self.hub.token is None or self.headers.get("Authorization") == f"Bearer {self.hub.token}":
+        tokens = {f"Bearer {t}" for t in (self.hub.token, self.hub.read_token) if t is not None}
+        if self.hub.token is None or self.headers.get("Authorization") in tokens:
             return True
         self._send(401, b'{"error":"Invalid credentials in Authorization header"}')
         return False
@@ -188,13 +234,15 @@ class _Handler(BaseHTTPRequestHandler):
             what = b"Repository not found" if repo not in self.hub.repos else b"Entry not found"
             self._send(404, b'{"error":"' + what + b'"}')
             return
+        # huggingface_hub refuses answers without X-Repo-Commit (the commit the revision points to).
+        commit = {"X-Repo-Commit": commit_oid(len(self.hub.commits.get(repo[1], [])))}
         if not file.name.endswith(LFS_SUFFIXES):
-            self._body(file, head)
+            self._body(file, head, commit)
             return
         host = f"http://localhost:{self.hub.port}" if self.hub.cross_host else self.hub.url
         location = f"{host}/cdn/{repo[0]}/{repo[1]}/{quote(path)}?X-Signature=abc123"
         self._send(302, b"", {"Location": location, "X-Linked-Etag": f'"{etag_of(file)}"',
-                              "X-Linked-Size": str(file.stat().st_size)}, head=True)
+                              "X-Linked-Size": str(file.stat().st_size), **commit}, head=True)
 
     def _fault(self, kind: str, size: int):
         fault = self.hub.next_fault(kind, size)
@@ -209,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None  # then answer normally (the client may have given up by then)
         return fault  # "cut", "ignore_range", "shift_range" and "replace" act in _body
 
-    def _body(self, file: Path | None, head: bool) -> None:
+    def _body(self, file: Path | None, head: bool, extra_headers: dict | None = None) -> None:
         if file is None:
             self._send(404, b'{"error":"Entry not found"}')
             return
@@ -220,7 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
             file.write_bytes(fault[1])
         data = file.read_bytes()
         etag = f'"{etag_of(file)}"'
-        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
+                   **(extra_headers or {})}
         status, start = 200, 0
         range_header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
@@ -241,6 +290,148 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(status, body, headers, head=head)
 
+    # --- the write side ---------------------------------------------------------------------------
+    def do_POST(self) -> None:
+        self._route_write()
+
+    def do_PUT(self) -> None:
+        self._route_write()
+
+    def _route_write(self) -> None:
+        url = urlsplit(self.path)
+        self.hub.log.append((self.command, url.path, dict(self.headers)))
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        parts = [unquote(p) for p in url.path.split("/")[1:]]
+        try:
+            fault = self.hub.next_fault("upload", 0)
+            if fault is not None and fault[0] == "status":
+                headers = {"Retry-After": fault[2]} if len(fault) > 2 else {}
+                self._send(fault[1], b'{"error":"injected fault"}', headers)
+                return
+            if fault is not None and fault[0] == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault is not None and fault[0] == "slow":
+                time.sleep(fault[1])
+            if self.command == "PUT" and parts[:1] == ["lfs-store"] and len(parts) == 2:
+                self._lfs_put(parts[1], body)  # a pre-signed storage URL: no token needed
+            elif not self._authorized() or not self._may_write():
+                return
+            elif self.command == "POST" and parts == ["api", "repos", "create"]:
+                self._create(json.loads(body))
+            elif parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("preupload", "commit"):
+                repo = ("models", f"{parts[2]}/{parts[3]}")
+                if repo not in self.hub.repos:
+                    self._send(404, b'{"error":"Repository not found"}')
+                elif parts[4] == "preupload":
+                    self._preupload(json.loads(body))
+                else:
+                    self._commit(repo, body)
+            elif len(parts) == 6 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
+                repo = ("models", f"{parts[0]}/{parts[1].removesuffix('.git')}")
+                if repo not in self.hub.repos:
+                    self._send(404, b'{"message":"Repository not found"}')
+                elif parts[5] == "batch":
+                    self._lfs_batch(repo, json.loads(body))
+                else:
+                    self._lfs_verify(json.loads(body))
+            else:
+                self._send(404, b"no such endpoint")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _may_write(self) -> bool:
+        read_only = self.hub.read_token is not None
+        if read_only and self.headers.get("Authorization") == f"Bearer {self.hub.read_token}":
+            self._send(403, b'{"error":"You don\'t have the rights to write to this repo"}')
+            return False
+        return True
+
+    def _create(self, request: dict) -> None:
+        repo_id = f"{request['organization']}/{request['name']}"
+        if ("models", repo_id) in self.hub.repos:
+            self._send(409, b'{"error":"You already created this model repo"}')
+            return
+        with self.hub._write_lock:
+            root = self.hub.upload_dir / repo_id
+            root.mkdir(parents=True)
+            self.hub.repos[("models", repo_id)] = root
+            self.hub.private[repo_id] = bool(request.get("private"))
+            self.hub.commits[repo_id] = []
+        self._send(200, json.dumps({"url": f"{self.hub.url}/{repo_id}", "name": repo_id}).encode())
+
+    def _preupload(self, request: dict) -> None:
+        def mode(f: dict) -> str:
+            large = f["path"].endswith(LFS_SUFFIXES) or f["size"] >= self.hub.lfs_threshold
+            return "lfs" if large else "regular"
+
+        files = [{"path": f["path"], "uploadMode": mode(f), "shouldIgnore": False, "oid": None}
+                 for f in request["files"]]
+        self._send(200, json.dumps({"files": files}).encode(), {"Content-Type": "application/json"})
+
+    def _lfs_batch(self, repo: tuple[str, str], request: dict) -> None:
+        assert request["operation"] == "upload" and "basic" in request["transfers"], request
+        host = f"http://localhost:{self.hub.port}" if self.hub.cross_host else self.hub.url
+        objects = []
+        for obj in request["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.hub.lfs_store:
+                entry["actions"] = {
+                    "upload": {"href": f"{host}/lfs-store/{obj['oid']}", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/{repo[1]}.git/info/lfs/objects/verify", "header": {}}}
+            objects.append(entry)
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                   {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _lfs_put(self, oid: str, body: bytes) -> None:
+        if not body:  # storage services refuse empty uploads (S3: 501)
+            self._send(501, b'{"error":"empty body"}')
+            return
+        if hashlib.sha256(body).hexdigest() != oid:
+            self._send(400, b'{"error":"sha256 mismatch"}')
+            return
+        self.hub.lfs_store[oid] = body
+        self._send(200, b"")
+
+    def _lfs_verify(self, request: dict) -> None:
+        stored = self.hub.lfs_store.get(request["oid"])
+        ok = stored is not None and len(stored) == request["size"]
+        self._send(200 if ok else 404, b"{}" if ok else b'{"message":"object not found"}')
+
+    def _commit(self, repo: tuple[str, str], body: bytes) -> None:
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0]["key"] != "header":
+            self._send(400, b'{"error":"the first line must be the header"}')
+            return
+        files: dict[str, bytes] = {}
+        for line in lines[1:]:
+            value = line["value"]
+            if line["key"] == "file":
+                assert value["encoding"] == "base64"
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif line["key"] == "lfsFile":
+                data = self.hub.lfs_store.get(value["oid"])
+                if data is None or len(data) != value["size"]:
+                    self._send(422, b'{"error":"LFS object not uploaded"}')
+                    return
+                files[value["path"]] = data
+            else:
+                self._send(400, b'{"error":"unknown line"}')
+                return
+        root = self.hub.repos[repo]
+        with self.hub._write_lock:
+            for path, data in files.items():
+                target = root / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            self.hub.commits.setdefault(repo[1], []).append(
+                {"summary": lines[0]["value"]["summary"],
+                 "files": {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}})
+            oid = commit_oid(len(self.hub.commits[repo[1]]))
+        self._send(200, json.dumps({"commitUrl": f"{self.hub.url}/{repo[1]}/commit/{oid}",
+                                    "commitOid": oid}).encode(), {"Content-Type": "application/json"})
+
     def _send(self, status: int, body: bytes, headers: dict | None = None, head: bool = False,
               cut_after: int | None = None) -> None:
         self.send_response(status)
@@ -248,7 +439,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if head:
+        if head or self.command == "HEAD":  # a HEAD answer has no body, whatever its status
             return
         if cut_after is None:
             self.wfile.write(body)

@@ -11,6 +11,8 @@ Read in this order:
 2. `shuffle.py`  - the streaming shuffle buffer (used for records here and for token blocks later).
 3. `hub.py`      - the Hub's HTTP API with `requests`: list, stream, download, retry.
 4. `corpus.py`   - a real corpus on every machine: the standard library written as codeparrot shards.
+5. `upload.py`   - the other direction: a folder pushed to a Hub model repo as one commit (Git LFS for
+                   the weights), with the same retries; `minicodeparrot upload` and --push-to-hub use it.
 
 Skip on a first reading: the retry and range-resume half of `hub.py`.
 """
