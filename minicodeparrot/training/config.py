@@ -159,7 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def given_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user typed on the command line (argparse leaves the others None)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "num_train_epochs" in given and "max_train_steps" in given:
+        raise UserError("give either --num-train-epochs or --max-train-steps, not both")
+    return given
 
 
 def resolve_config(given: dict[str, Any], preset: str | None = None) -> tuple[TrainConfig, list[str]]:
@@ -172,11 +175,10 @@ def resolve_config(given: dict[str, Any], preset: str | None = None) -> tuple[Tr
     unknown = set(given) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
-    if "num_train_epochs" in given and "max_train_steps" in given:
-        raise UserError("give either --num-train-epochs or --max-train-steps, not both")
     values = {**PRESETS.get(preset or "", {}), **given}
-    if "max_train_steps" in given:  # typed steps replace a preset's epochs
-        values.pop("num_train_epochs", None)
+    if "max_train_steps" in given and given.get("num_train_epochs") is None:
+        values["num_train_epochs"] = None  # typed steps replace a preset's epochs
+    # With both (a run's dump), the epochs win: the steps are counted from the data again.
     cfg = TrainConfig(**values)
     notes: list[str] = []
     if cfg.log_dir is None:
