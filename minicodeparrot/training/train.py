@@ -344,12 +344,7 @@ def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = (), warmup_
         for spec in (cfg.dataset_name_train, cfg.dataset_name_valid):
             check_token_shards(spec, len(tokenizer))
     if cfg.num_train_epochs is not None:  # the schedule's length comes from the data
-        cfg.max_train_steps = steps_from_epochs(cfg, dist_info, tokenizer)
-        late_notes: list[str] = []
-        shorten_warmup(cfg, warmup_typed, late_notes)
-        check_config(cfg)
-        for note in late_notes:
-            log.info("%s", note)
+        set_steps_from_epochs(cfg, dist_info, tokenizer, warmup_typed)
     raw_model, optimizer = build_model_and_optimizer(cfg, dist_info, tokenizer)
     scheduler = make_scheduler(optimizer, cfg.num_warmup_steps, cfg.max_train_steps, cfg.lr_scheduler_type)
     # bf16 keeps fp32's exponent range, so gradients cannot underflow and need no scaling; fp16 does,
@@ -399,6 +394,17 @@ def keytoken_weighting(cfg: TrainConfig, tokenizer, device: torch.device) -> Cal
     log.info("key-token loss: alpha %g, key tokens %s", cfg.keytoken_alpha,
              ", ".join(repr(tokenizer.decode([i])) for i in ids))
     return partial(keytoken_weights, key_ids=torch.tensor(ids, device=device), alpha=cfg.keytoken_alpha)
+
+
+def set_steps_from_epochs(cfg: TrainConfig, dist_info: DistInfo, tokenizer, warmup_typed: bool) -> None:
+    """--max-train-steps from --num-train-epochs; a preset's warmup shrinks with a short run, as when the
+    steps are typed (config.resolve_config)."""
+    cfg.max_train_steps = steps_from_epochs(cfg, dist_info, tokenizer)
+    notes: list[str] = []
+    shorten_warmup(cfg, warmup_typed, notes)
+    check_config(cfg)
+    for note in notes:
+        log.info("%s", note)
 
 
 def steps_from_epochs(cfg: TrainConfig, dist_info: DistInfo, tokenizer) -> int:
