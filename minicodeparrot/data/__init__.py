@@ -7,7 +7,8 @@ ConstantLengthDataset), shuffle the blocks, batch them, each rank reading its ow
 workers do this in the background and hand back their state with every batch, so resume is exact.
 
 Read in this order:
-1. `packing.py`     - ConstantLengthDataset: documents in, fixed-length token blocks out.
+1. `packing.py`     - ConstantLengthDataset: documents in, fixed-length token blocks out (joined, the
+                      book's; or each file cut alone, `--packing per-file`, the course's).
 2. `pipeline.py`    - one rank's share: read -> pack -> shuffle -> batch, and its resumable state.
 3. `loader.py`      - background data workers that run `pipeline.py` and ship batches with state.
 4. `preprocess.py`  - the `codeparrot-clean` recipe; `dedup.py` - its MinHash near-deduplication.
