@@ -765,7 +765,7 @@ def test_course_preset_trains_and_pushes_every_save_through_a_failing_hub(work, 
 
     monkeypatch.setenv("HF_TOKEN", "hf_write")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.01,
+    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy(attempts=6, base_delay=0.001, max_delay=0.01,
                                                        timeout=(5.0, 5.0)))
     push = T.push_to_hub
     saves = []
@@ -790,7 +790,7 @@ def test_course_preset_trains_and_pushes_every_save_through_a_failing_hub(work, 
         assert result["step"] == 6 and server.random_upload_faults > 0 and saves == [2, 4, 6]
         named = [c.removeprefix("step ").replace(" (also covers step", ",").rstrip(")") for c in commits]
         covered = sorted(int(s) for c in named for s in c.split(", "))
-        assert covered == [2, 4, 6] and commits[-1].startswith("step 6"), commits
+        assert covered == [2, 4, 6] and commits[-1].startswith("step 6") and len(commits) >= 2, commits
         recorded = json.loads((out / "train_args.json").read_text())
         assert recorded["packing"] == "per-file" and recorded["keytoken_loss"]
         assert recorded["seq_length"] == 32 and recorded["gradient_accumulation_steps"] == 2
