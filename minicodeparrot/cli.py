@@ -221,6 +221,12 @@ def _add_pretokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--tokens-per-shard", type=int, default=100_000_000, help="tokens per .bin file")
     p.add_argument("--text-field", default="content", help="record field holding the code")
+    p.add_argument("--packing", choices=["concat", "per-file"], default="concat",
+                   help="concat: documents joined with <|endoftext|> and cut into blocks (the book's); "
+                        "per-file: each file cut alone into --seq-length chunks, tails dropped "
+                        "(the course's)")
+    p.add_argument("--seq-length", type=int, help="chunk length for --packing per-file (the training "
+                                                  "run's --seq-length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_pretokenize)
 
@@ -247,6 +253,10 @@ def _add_evaluate_loss(sub: argparse._SubParsersAction) -> None:
                    help="--dataset names token shards written by `minicodeparrot pretokenize`")
     p.add_argument("--data-workers", type=int, default=0,
                    help="background processes that read, tokenize and pack (default 0: in this process)")
+    p.add_argument("--packing", choices=["concat", "per-file"], default="concat",
+                   help="concat: documents joined with <|endoftext|> and cut into blocks (the book's); "
+                        "per-file: each file cut alone into --seq-length chunks, tails dropped "
+                        "(the course's)")
     p.add_argument("--output", help="also write the result JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_evaluate_loss)

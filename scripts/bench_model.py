@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import MemoryProfileTimeline
 
 from minicodeparrot.model.generate import generate
-from minicodeparrot.model.gpt import GPT, GPTConfig
+from minicodeparrot.model.gpt import GPT, GPTConfig, keytoken_weights
 
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)  # timing should not include RNG work
 
@@ -138,8 +138,11 @@ def loss_memory(args, config: GPTConfig) -> dict:
 
     out = {"shape": f"{config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}, batch "
                     f"{shape[0]} x {shape[1]}, {margs.dtype}"}
+    # The course's key-token weights (issue 22) ride in the same fused loss: one float per token more.
+    weights = keytoken_weights(x, torch.tensor([5, 77, 900], device=args.device))
     for name, model, is_ours, kw in [("ours", ours, True, {}), ("ours_full_logits", ours, True,
-                                     {"return_logits": True}), ("reference", ref, False, {})]:
+                                     {"return_logits": True}), ("reference", ref, False, {}),
+                                     ("ours_keytoken", ours, True, {"sequence_weights": weights})]:
         step(model, is_ours, **kw)()  # warm-up (lazy kernel set-up), then a step as the loop runs it:
         model.zero_grad(set_to_none=True)  # gradients are created by the step, so they count too
         out[name] = peak_growth_MiB(step(model, is_ours, **kw), args.device)
@@ -225,6 +228,7 @@ def main() -> None:
     results["loss_memory"] = mem
     add(f"peak growth fwd+bwd, fused loss ({mem['shape']})", mem["ours"], mem["reference"], "MiB")
     add("peak growth fwd+bwd, return_logits=True", mem["ours_full_logits"], mem["reference"], "MiB")
+    add("peak growth fwd+bwd, fused key-token loss", mem["ours_keytoken"], mem["reference"], "MiB")
 
     # 4. greedy generation with KV cache, batch 1, from a 16-token prompt
     ours.eval()

@@ -7,7 +7,8 @@ ConstantLengthDataset), shuffle the blocks, batch them, each rank computing its 
 data workers do this in the background and hand back their state with every batch, so resume is exact.
 
 Read in this order:
-1. `packing.py`     - ConstantLengthDataset: documents in, fixed-length token blocks out.
+1. `packing.py`     - ConstantLengthDataset: documents in, fixed-length token blocks out (joined, the
+                      book's; or each file cut alone, `--packing per-file`, the course's).
 2. `pipeline.py`    - one part of the data: read -> pack -> shuffle, and its resumable state.
 3. `streams.py`     - training data as S virtual streams: the same global batches on any number of
                       ranks and workers, and a checkpoint any of them can resume.

@@ -292,11 +292,11 @@ class Loader:
 def build_valid_loader(dataset: Any, tokenizer: Any, *, seq_length: int, batch_size: int,
                        tokenized: bool = False, rank: int = 0, world_size: int = 1,
                        text_field: str = "content", num_workers: int = 0, prefetch: int = 4,
-                       device: torch.device | str | None = None) -> Loader:
+                       device: torch.device | str | None = None, packing: str = "concat") -> Loader:
     """This rank's validation batches: each worker's share read once, in a fixed order; the last batch of
     each share may be shorter. `loader.stats` then holds bad records skipped and tokens dropped."""
     make = partial(build_valid_data, dataset, tokenizer, seq_length=seq_length, tokenized=tokenized,
                    rank=rank, world_size=world_size, text_field=text_field, workers=max(1, num_workers),
-                   encode_workers=1 if num_workers else None)
+                   encode_workers=1 if num_workers else None, packing=packing)
     return Loader(make, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, device=device,
                   endless=False, seq_length=seq_length, sequence_buffer=0, rank=rank, world_size=world_size)

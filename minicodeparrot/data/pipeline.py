@@ -6,7 +6,8 @@ shares, and worker w of rank r reads share r*N + w (`shards.consumer_index`'s nu
 shares are disjoint and together cover the data. One part's pipeline is
 
     ShardStream (files dealt to this share, records through a record ShuffleBuffer)
-      -> ConstantLengthDataset (documents joined with EOS, tokenized, cut into seq_length blocks)
+      -> ConstantLengthDataset (documents joined with EOS, tokenized, cut into seq_length blocks;
+                                or, per-file, each document cut alone)
       -> Pipeline (blocks through a sequence ShuffleBuffer)
 
 or, for `--tokenized` shards, TokenShardDataset windows (already permuted globally) -> Pipeline without a
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from minicodeparrot.data.packing import ConstantLengthDataset
-from minicodeparrot.data.pretokenize import TokenShardDataset, token_dtype
+from minicodeparrot.data.pretokenize import TokenShardDataset, check_shard_packing, token_dtype
 from minicodeparrot.errors import UserError
 from minicodeparrot.sources.shards import ShardStream, Source, resolve_sources
 from minicodeparrot.sources.shuffle import ShuffleBuffer
@@ -174,18 +175,20 @@ def block_dtype(tokenizer: Any = None, vocab_size: int | None = None) -> np.dtyp
 
 def build_valid_data(dataset: Any, tokenizer: Any, *, seq_length: int, tokenized: bool = False,
                      rank: int = 0, world_size: int = 1, text_field: str = "content", worker: int = 0,
-                     workers: int = 1, encode_workers: int | None = None) -> Pipeline:
+                     workers: int = 1, encode_workers: int | None = None,
+                     packing: str = "concat") -> Pipeline:
     """This share's part of the validation set, in file order, read once (for `train` and `evaluate-loss`).
 
     Of several shard files, only those named *validation* are used if there are any (`validation_sources`).
     """
     share, shares = rank * workers + worker, world_size * workers
     if tokenized:
+        check_shard_packing(dataset, packing, seq_length)
         source = TokenShardDataset(dataset, seq_length=seq_length, rank=share, world_size=shares,
                                    shuffle=False, infinite=False)
         return Pipeline(source, 0, "", block_dtype(vocab_size=source.vocab_size), seq_length)
     stream = ShardStream(validation_sources(dataset), split_by_rank=True, shuffle_files=False,
                          text_field=text_field, rank=share, world_size=shares)
     packed = ConstantLengthDataset(tokenizer, stream, seq_length=seq_length, infinite=False,
-                                   text_field=text_field, num_workers=encode_workers)
+                                   text_field=text_field, num_workers=encode_workers, packing=packing)
     return Pipeline(packed, 0, "", block_dtype(tokenizer), seq_length)

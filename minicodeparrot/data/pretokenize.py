@@ -19,11 +19,18 @@ Shard layout (`DIR/tokens-000000.bin`, ...), all little-endian:
 
 Windows never cross a shard boundary; the last `< seq_length` tokens of each shard are unused
 (shards are large, so that is a negligible loss).
+
+`--packing per-file` (the course's chunks, data/packing.py) writes only each file's full `seq_length`
+chunks, back to back, in shards whose size is a multiple of `seq_length`: the windows are then exactly
+the chunks. Since that only holds for the `seq_length` they were cut for, `DIR/packing.json` records
+both, and training or evaluating with another packing or length is refused (`check_shard_packing`).
+Shards without it are concat shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import struct
 import sys
@@ -37,7 +44,7 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from minicodeparrot.data.packing import encode_documents
+from minicodeparrot.data.packing import PACKING_MODES, encode_documents, encode_per_file
 from minicodeparrot.errors import UserError
 from minicodeparrot.sources.shards import consumer_index
 
@@ -100,18 +107,22 @@ class _ShardWriter:
 
 
 _worker_tokenizer = None
+_worker_chunk_length: int | None = None  # per-file packing's seq_length; None: concat
 
 
-def _init_worker(tokenizer) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
+def _init_worker(tokenizer, chunk_length: int | None = None) -> None:
+    global _worker_tokenizer, _worker_chunk_length
+    _worker_tokenizer, _worker_chunk_length = tokenizer, chunk_length
 
 
-def _encode_chunk(texts: list[str]) -> np.ndarray:
-    # The packer's own joining (packing.encode_documents), in this long-lived pool worker's process:
-    # the pool lives for the whole job so each worker's word cache stays warm, where a pool per chunk
-    # (encode_batch's, for large batches) would start cold every time.
-    return encode_documents(_worker_tokenizer, texts, num_workers=1)
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, int]:
+    """(ids to write, tokens the tokenizer produced). The packer's own functions (packing.py), in this
+    long-lived pool worker's process: the pool lives for the whole job so each worker's word cache stays
+    warm, where a pool per chunk (encode_batch's, for large batches) would start cold every time."""
+    if _worker_chunk_length is not None:
+        return encode_per_file(_worker_tokenizer, texts, _worker_chunk_length, num_workers=1)
+    ids = encode_documents(_worker_tokenizer, texts, num_workers=1)
+    return ids, len(ids)
 
 
 def _chunks(records: Iterator[dict], text_field: str, counter: list[int]) -> Iterator[list[str]]:
@@ -129,11 +140,11 @@ def _chunks(records: Iterator[dict], text_field: str, counter: list[int]) -> Ite
 
 def pretokenize(dataset: Any, tokenizer, output_dir: str | Path, num_workers: int = 1,
                 tokens_per_shard: int = 100_000_000, text_field: str = "content",
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, packing: str = "concat", seq_length: int | None = None) -> dict:
     """Tokenize every record of `dataset` (a shards spec) into binary shards; return a summary dict.
 
     Chunks of documents are encoded in `num_workers` processes and written back in input order, so
-    the shards are identical for any worker count.
+    the shards are identical for any worker count. `packing="per-file"` needs `seq_length`.
     """
     from minicodeparrot.sources.shards import BadRecords, iter_records, resolve_sources
 
@@ -141,6 +152,9 @@ def pretokenize(dataset: Any, tokenizer, output_dir: str | Path, num_workers: in
         raise UserError("the tokenizer has no <|endoftext|> token; pretokenize needs it between documents")
     if tokens_per_shard < 1 or num_workers < 1:
         raise UserError("--tokens-per-shard and --num-workers must be at least 1")
+    chunk_length = _chunk_length(packing, seq_length, tokens_per_shard)
+    if chunk_length is not None:  # windows must not straddle two shards
+        tokens_per_shard -= tokens_per_shard % chunk_length
     sources = resolve_sources(dataset)  # a wrong --dataset fails here, before any output exists
     output_dir = Path(output_dir)
     if output_dir.is_dir() and any(output_dir.glob("tokens-*.bin")):
@@ -148,20 +162,23 @@ def pretokenize(dataset: Any, tokenizer, output_dir: str | Path, num_workers: in
     output_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = max(max(tokenizer.vocab.values()), tokenizer.eos_token_id) + 1  # ids are < vocab_size
     writer = _ShardWriter(output_dir, token_dtype(vocab_size), vocab_size, tokens_per_shard)
-    bad, records = BadRecords(), [0]
+    if chunk_length is not None:
+        (output_dir / "packing.json").write_text(json.dumps({"packing": packing, "seq_length": seq_length}))
+    bad, records, produced = BadRecords(), [0], 0
     chunks = _chunks(iter_records(sources, text_field=text_field, stats=bad), text_field, records)
     start = time.perf_counter()
     bar = tqdm(desc="pretokenize", unit="tok", unit_scale=True, disable=not show_progress)
     if num_workers == 1:
-        _init_worker(tokenizer)
-        results: Iterator[np.ndarray] = map(_encode_chunk, chunks)
+        _init_worker(tokenizer, chunk_length)
+        results: Iterator[tuple[np.ndarray, int]] = map(_encode_chunk, chunks)
         pool = None
     else:
-        pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (tokenizer,))
+        pool = multiprocessing.get_context().Pool(num_workers, _init_worker, (tokenizer, chunk_length))
         results = pool.imap(_encode_chunk, chunks)  # imap keeps the input order
     try:
-        for ids in results:
+        for ids, n_tokens in results:
             writer.write(ids)
+            produced += n_tokens
             bar.update(len(ids))
     finally:
         if pool is not None:
@@ -172,7 +189,43 @@ def pretokenize(dataset: Any, tokenizer, output_dir: str | Path, num_workers: in
     if not paths:
         raise UserError(f"no records with a '{text_field}' field in {dataset}; nothing to pretokenize")
     return {"shards": paths, "records": records[0], "tokens": writer.total, "bad_records": bad,
-            "seconds": seconds, "records_per_s": records[0] / seconds, "dtype": writer.dtype.name}
+            "seconds": seconds, "records_per_s": records[0] / seconds, "dtype": writer.dtype.name,
+            "packing": packing, "tokens_dropped": produced - writer.total}
+
+
+def _chunk_length(packing: str, seq_length: int | None, tokens_per_shard: int) -> int | None:
+    """The per-file chunk length, None for concat; one line for an impossible combination."""
+    if packing not in PACKING_MODES:
+        raise UserError(f"unknown --packing {packing!r}; choose one of {', '.join(PACKING_MODES)}")
+    if packing == "concat":
+        return None
+    if seq_length is None or seq_length < 1:
+        raise UserError("--packing per-file cuts each file into --seq-length chunks: give --seq-length N")
+    if tokens_per_shard < seq_length:
+        raise UserError(f"--tokens-per-shard {tokens_per_shard} is smaller than one --seq-length "
+                        f"{seq_length} chunk; raise it")
+    return seq_length
+
+
+def shard_packing(spec: str | Path | list) -> dict:
+    """How the shards of `spec` were packed: DIR/packing.json, or concat when there is none."""
+    paths = _shard_paths(spec)
+    recorded = paths[0].parent / "packing.json"
+    if recorded.is_file():
+        return json.loads(recorded.read_text())
+    return {"packing": "concat", "seq_length": None}
+
+
+def check_shard_packing(spec: str | Path | list, packing: str, seq_length: int) -> None:
+    """Per-file shards hold chunks of one length: reading them with another length or as concat shards
+    would make windows that straddle two files; concat shards read per-file would not be per-file."""
+    saved = shard_packing(spec)
+    if saved["packing"] != packing:
+        raise UserError(f"the token shards in {spec} were written with --packing {saved['packing']}, this "
+                        f"run has --packing {packing}; use the same, or pretokenize again")
+    if packing == "per-file" and saved["seq_length"] != seq_length:
+        raise UserError(f"the token shards in {spec} hold per-file chunks of {saved['seq_length']} tokens, "
+                        f"this run has --seq-length {seq_length}; use the same, or pretokenize again")
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -324,8 +377,10 @@ class TokenShardDataset(IterableDataset):
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:
+    dropped = (f", {summary['tokens_dropped']} tokens of short file tails dropped"
+               if summary.get("packing") == "per-file" else "")
     print(f"pretokenize: {summary['records']} records -> {summary['tokens']} tokens ({summary['dtype']}) in "
-          f"{len(summary['shards'])} shards, {summary['records_per_s']:.0f} records/s; "
+          f"{len(summary['shards'])} shards{dropped}, {summary['records_per_s']:.0f} records/s; "
           f"skipped {summary['bad_records'].total} bad records ({summary['bad_records']})", file=file)
 
 
@@ -335,5 +390,6 @@ def pretokenize_command(args: argparse.Namespace) -> None:
 
     summary = pretokenize(args.dataset, Tokenizer.from_pretrained(args.tokenizer), args.output,
                           num_workers=args.num_workers, tokens_per_shard=args.tokens_per_shard,
-                          text_field=args.text_field, show_progress=not args.no_progress)
+                          text_field=args.text_field, show_progress=not args.no_progress,
+                          packing=args.packing, seq_length=args.seq_length)
     print_summary(summary)

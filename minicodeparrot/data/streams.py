@@ -40,7 +40,7 @@ import torch
 from minicodeparrot.data.loader import Loader
 from minicodeparrot.data.packing import ConstantLengthDataset
 from minicodeparrot.data.pipeline import Pipeline, PipelineMirror, block_dtype
-from minicodeparrot.data.pretokenize import TokenShardDataset
+from minicodeparrot.data.pretokenize import TokenShardDataset, check_shard_packing
 from minicodeparrot.errors import UserError
 from minicodeparrot.sources.shards import ShardStream
 
@@ -100,14 +100,16 @@ def rank_streams(layout: DataLayout, rank: int, world_size: int) -> list[int]:
 
 # --- one stream, and a group of them ---------------------------------------------------------------------
 def build_stream(dataset: Any, tokenizer: Any, stream: int, layout: DataLayout, *, seq_length: int, seed: int,
-                 tokenized: bool = False, text_field: str = "content",
-                 encode_workers: int | None = None) -> Pipeline:
+                 tokenized: bool = False, text_field: str = "content", encode_workers: int | None = None,
+                 packing: str = "concat") -> Pipeline:
     """Stream `stream` of the layout: its files or lines, shuffled, packed into blocks, shuffled again.
 
     It is exactly the old per-rank pipeline of "consumer `stream` of S": seeds depend on the stream
-    number only, so the stream is the same whoever computes it.
+    number only, so the stream is the same whoever computes it. `packing`: "concat" or "per-file"
+    (packing.py); token shards must have been written with the same.
     """
     if tokenized:
+        check_shard_packing(dataset, packing, seq_length)
         source = TokenShardDataset(dataset, seq_length=seq_length, rank=stream, world_size=layout.streams,
                                    seed=seed, infinite=True)
         # The windows are already a global permutation: a sequence buffer would only cost memory.
@@ -115,7 +117,7 @@ def build_stream(dataset: Any, tokenizer: Any, stream: int, layout: DataLayout, 
     records = ShardStream(dataset, split_by_rank=True, seed=seed, text_field=text_field, rank=stream,
                           world_size=layout.streams, shuffle_buffer=layout.record_buffer)
     packed = ConstantLengthDataset(tokenizer, records, seq_length=seq_length, infinite=True,
-                                   text_field=text_field, num_workers=encode_workers)
+                                   text_field=text_field, num_workers=encode_workers, packing=packing)
     return Pipeline(packed, layout.sequence_buffer, f"sequences-{seed}-{stream}", block_dtype(tokenizer),
                     seq_length)
 
@@ -278,10 +280,10 @@ def stateless_checkpoint_message() -> str:
 def build_train_loader(dataset: Any, tokenizer: Any, layout: DataLayout, *, seq_length: int, seed: int,
                        micro_batch: int, tokenized: bool = False, rank: int = 0, world_size: int = 1,
                        text_field: str = "content", num_workers: int = 0, prefetch: int = 4,
-                       device: torch.device | str | None = None) -> TrainLoader:
+                       device: torch.device | str | None = None, packing: str = "concat") -> TrainLoader:
     """This rank's endless training micro-batches over its streams of `layout`."""
     make_stream = partial(build_stream, dataset, tokenizer, layout=layout, seq_length=seq_length, seed=seed,
-                          tokenized=tokenized, text_field=text_field,
+                          tokenized=tokenized, text_field=text_field, packing=packing,
                           encode_workers=1 if num_workers else None)
     return TrainLoader(make_stream, layout, rank=rank, world_size=world_size, micro_batch=micro_batch,
                        num_workers=num_workers, prefetch=prefetch, device=device, seq_length=seq_length)

@@ -45,7 +45,7 @@ def evaluate_loss_command(args: argparse.Namespace) -> None:
     loader = build_valid_loader(
         args.dataset, tokenizer, seq_length=seq_length, batch_size=args.batch_size, tokenized=args.tokenized,
         rank=dist_info.rank, world_size=dist_info.world_size, text_field=args.text_field,
-        num_workers=args.data_workers, device=dist_info.device)
+        num_workers=args.data_workers, device=dist_info.device, packing=args.packing)
     total = args.max_eval_steps if args.max_eval_steps >= 0 else None
     with loader:
         bar = tqdm(loader, total=total, desc="evaluating", unit="batch",
@@ -53,7 +53,7 @@ def evaluate_loss_command(args: argparse.Namespace) -> None:
         result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps)
     bad, dropped = loader.stats.get("bad_records"), loader.stats.get("tokens_dropped")
     result.update(model=str(args.model), seq_length=seq_length, batch_size=args.batch_size,
-                  bad_records_rank0=bad, tokens_dropped_rank0=dropped)
+                  packing=args.packing, bad_records_rank0=bad, tokens_dropped_rank0=dropped)
     if dist_info.is_main:
         skipped = f"{bad} bad records skipped on rank 0" if bad is not None else "stopped at --max-eval-steps"
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.4f}  "

@@ -167,10 +167,14 @@ class LMHeadLoss(torch.autograd.Function):
 
     Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as GPT2LMHeadModel does
     (bf16 logits, upcast before cross-entropy).
+
+    `token_weights` (fp32 [tokens], 0 where ignored) turns the mean into the weighted sum
+    sum_i w_i * loss_i, e.g. the course's key-token loss (`lm_head_loss`). Its gradient is the same
+    softmax - one_hot, scaled per row by w_i instead of by the mask, so nothing bigger is kept.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, with_grad: bool):
+    def forward(ctx, h, weight, targets, token_weights, vocab_size: int, with_grad: bool):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         h_c, w_c = h.to(dtype), weight.to(dtype)  # cast once, not per chunk
@@ -178,6 +182,7 @@ class LMHeadLoss(torch.autograd.Function):
         chunk = max(1, LOSS_CHUNK_ELEMENTS // n_rows)
         valid = targets != IGNORE_INDEX
         safe_targets = targets.masked_fill(~valid, 0)  # any real class id; the mask zeroes its loss
+        scale = valid if token_weights is None else token_weights  # each token's factor in the summed loss
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if with_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
@@ -188,12 +193,12 @@ class LMHeadLoss(torch.autograd.Function):
                 if n_rows > vocab_size:  # padded rows exist but are no class: zero probability
                     logits[:, vocab_size:] = float("-inf")
                 lse = torch.logsumexp(logits, dim=1)
-                t, v = safe_targets[start:end], valid[start:end]
+                t, v = safe_targets[start:end], scale[start:end]
                 target_logit = logits.gather(1, t[:, None]).squeeze(1)
                 loss_sum += ((lse - target_logit) * v).sum()
                 if with_grad:
                     g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                    g.scatter_add_(1, t[:, None], -v[:, None].to(g.dtype))
+                    g.scatter_add_(1, t[:, None], -valid[start:end, None].to(g.dtype))  # - one_hot
                     g.mul_(v[:, None])
                     g = g.to(dtype)
                     grad_h[start:end] = g @ w_c
@@ -201,11 +206,12 @@ class LMHeadLoss(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h_c[start:end])
                     else:  # one bf16 product per chunk, summed in fp32
                         grad_w += g.t() @ h_c[start:end]
-        n_valid = valid.sum()
-        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        # The mean divides by the valid targets (0 of them give nan, as F.cross_entropy's mean does);
+        # weights already carry their normalisation.
+        denominator = valid.sum() if token_weights is None else torch.ones((), device=h.device)
+        ctx.save_for_backward(grad_h, grad_w, denominator)
         ctx.weight_dtype = weight.dtype
-        # 0 valid targets give nan, as F.cross_entropy's mean does.
-        return loss_sum / n_valid
+        return loss_sum / denominator
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -214,21 +220,47 @@ class LMHeadLoss(torch.autograd.Function):
         if grad_h is None:
             raise RuntimeError("LMHeadLoss ran without with_grad=True; its backward has nothing to give")
         scale = grad_output / n_valid
-        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None, None
 
 
-def lm_head_loss(h: torch.Tensor, wte: TokenEmbedding, labels: torch.Tensor) -> torch.Tensor:
+def lm_head_loss(h: torch.Tensor, wte: TokenEmbedding, labels: torch.Tensor,
+                 sequence_weights: torch.Tensor | None = None) -> torch.Tensor:
     """GPT2LMHeadModel's causal-LM loss of final hidden states h [B, T, C] against labels [B, T].
 
     Position t predicts token t+1. As GPT2LMHeadModel does (transformers >= 4.46), the labels are shifted
     rather than the logits: they move one to the left and the last position gets IGNORE_INDEX, so h is
     used whole, without a copy. Positions labelled IGNORE_INDEX (-100) are left out; the loss is the
-    mean over the others.
+    mean over the others. With `sequence_weights` [B] it is instead the mean over sequences of
+    weight_b * (sequence b's mean token loss): the course's key-token loss (`keytoken_weights`).
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    token_weights = None
+    if sequence_weights is not None:
+        valid = (shifted != IGNORE_INDEX).float()
+        per_token = sequence_weights.float() / (valid.sum(1) * labels.shape[0])
+        token_weights = (valid * per_token[:, None]).reshape(-1)
     h = h.reshape(-1, h.size(-1))
     with_grad = torch.is_grad_enabled() and (h.requires_grad or wte.weight.requires_grad)
-    return LMHeadLoss.apply(h, wte.weight, targets, wte.vocab_size, with_grad)
+    return LMHeadLoss.apply(h, wte.weight, shifted.reshape(-1), token_weights, wte.vocab_size, with_grad)
+
+
+def keytoken_ids(tokenizer, words: list[str]) -> list[int]:
+    """The ids of `words`, with and without a leading space, that the tokenizer encodes as one token
+    (the course's key tokens; a word split into several tokens cannot be counted as one)."""
+    ids = []
+    for word in words:
+        for text in (word, " " + word):
+            encoded = tokenizer.encode(text)
+            if len(encoded) == 1 and encoded[0] not in ids:
+                ids.append(encoded[0])
+    return ids
+
+
+def keytoken_weights(input_ids: torch.Tensor, key_ids: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """[B] weights alpha * (1 + occurrences of the key tokens in each sequence), as the course's
+    `keytoken_weighted_loss` counts them: over the whole input, the first token (which is no target)
+    included."""
+    return alpha * (1.0 + torch.isin(input_ids, key_ids).sum(1).float())
 
 
 class CausalSelfAttention(nn.Module):
@@ -402,14 +434,15 @@ class GPT(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-        return_logits: bool = False,
+        return_logits: bool = False, sequence_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits, loss): logits [B, T, vocab_size] or None, loss a scalar or None.
 
         Without labels: (logits, None). With labels: the mean causal-LM loss of GPT2LMHeadModel, and by
         default no logits, (None, loss): the loss is then computed chunk by chunk from the hidden states
         (`lm_head_loss`) and the full logits never exist. `return_logits=True` gives both, the loss then
-        from the full logits (cross-entropy on them, the textbook way; same value).
+        from the full logits (cross-entropy on them, the textbook way; same value). `sequence_weights` [B]
+        weight each sequence's mean loss (see `lm_head_loss`).
         """
         B, T = input_ids.shape
         past = kv_cache.pos if kv_cache is not None else 0
@@ -435,12 +468,17 @@ class GPT(nn.Module):
         if labels is None:
             return self.transformer.wte.logits(x), None
         if not return_logits:
-            return None, lm_head_loss(x, self.transformer.wte, labels)
+            return None, lm_head_loss(x, self.transformer.wte, labels, sequence_weights)
         logits = self.transformer.wte.logits(x)
         # The same shifted labels as lm_head_loss: position t predicts token t+1, the last predicts nothing.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        if sequence_weights is None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return logits, loss
+        per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                                    reduction="none")
+        per_sequence = per_token.sum(1) / (targets != IGNORE_INDEX).sum(1)
+        return logits, (per_sequence * sequence_weights).mean()
 
     # --- Hugging Face checkpoint layout -------------------------------------------------------------
     def hf_state_dict(self) -> dict[str, torch.Tensor]:

@@ -39,6 +39,9 @@ class TrainConfig:
                                       "pretokenize`")
     tokenizer: str | None = _setting(None, "tokenizer directory (from train-tokenizer) or Hub repo id")
     seq_length: int = _setting(1024, "tokens per sequence")
+    packing: str = _setting("concat", "concat: files joined with <|endoftext|> and cut into blocks (the "
+                                      "book's); per-file: each file cut alone into full seq_length chunks, "
+                                      "its tail dropped (the course's)", choices=["concat", "per-file"])
     record_shuffle_buffer: int = _setting(10_000, "files (records) in the streaming shuffle buffer before "
                                                   "packing (the CodeParrot script's 10000)")
     sequence_shuffle_buffer: int = _setting(10_000, "packed sequences in the shuffle buffer after packing, "
@@ -71,8 +74,18 @@ class TrainConfig:
                                       choices=["cosine", "linear", "constant"])
     num_warmup_steps: int = _setting(750, "linear warmup steps")
     max_train_steps: int = _setting(50_000, "optimizer steps; the schedule reaches 0 here")
-    mixed_precision: str = _setting("no", "autocast dtype (fp16 adds a GradScaler)",
-                                    choices=["no", "bf16", "fp16"])
+    num_train_epochs: int | None = _setting(
+        None, "train for N passes over the training data instead of --max-train-steps (the steps are "
+              "counted from the data: token shards' headers, or one counting pass over the files)")
+    mixed_precision: str = _setting("no", "autocast dtype (fp16 adds a GradScaler); auto: bf16 where the GPU "
+                                          "has it, else fp16, no on a CPU",
+                                    choices=["no", "bf16", "fp16", "auto"])
+    keytoken_loss: bool = _setting(False, "the course's key-token weighted loss: each sequence's mean loss "
+                                          "weighted by alpha * (1 + key tokens in it)")
+    keytokens: str = _setting("plt,pd,sk,fit,predict", "comma-separated key words for --keytoken-loss; each, "
+                                                        "with and without a leading space, counts if it is "
+                                                        "one token")
+    keytoken_alpha: float = _setting(1.0, "alpha of --keytoken-loss")
     zero: bool = _setting(False, "shard AdamW's state across ranks (ZeRO-1)")
     compile: bool = _setting(False, "torch.compile the model (after DDP wrapping)")
     seed: int = _setting(1, "seed of the weights, the data order and dropout")
@@ -87,11 +100,19 @@ class TrainConfig:
     log_dir: str | None = _setting(None, "per-rank debug_{rank}.log and TensorBoard (default OUTPUT_DIR/log)")
     resume_from_checkpoint: str | None = _setting(None, "'latest' (in OUTPUT_DIR) or a step_N directory")
     progress: bool = _setting(True, "show a progress bar")
+    push_to_hub: str | None = _setting(None, "Hub model repo (owner/name): every checkpoint is uploaded "
+                                             "there beside training as a 'step N' commit, then the final "
+                                             "model")
+    hub_private: bool = _setting(False, "create the --push-to-hub repo private")
 
 
-# The book's two runs (NLP with Transformers, ch. 10), per GPU, and a model that learns in CPU minutes.
-# The 1.5B run used Mistral's stability tweaks (scale attention by 1/layer, softmax in fp32), without
-# which its bf16 training diverged.
+# The book's two runs (NLP with Transformers, ch. 10), per GPU, the Hugging Face course's run (chapter 7.6,
+# codeparrot-ds), and a model that learns in CPU minutes. The 1.5B run used Mistral's stability tweaks
+# (scale attention by 1/layer, softmax in fp32), without which its bf16 training diverged.
+# The course's model is GPT-2 small with the tokenizer's vocabulary: it passes n_ctx=128, which GPT2Config
+# keeps as a plain attribute, so the model still has 1024 positions (124.2M parameters with its 50,000
+# tokens) and only the sequences are 128 long. It trained in fp16 (its GPUs had no bf16): "auto" takes
+# bf16 where the GPU has it.
 PRESETS: dict[str, dict[str, Any]] = {
     "codeparrot-small": dict(
         model_config="gpt2", train_batch_size=12, valid_batch_size=12, learning_rate=5e-4,
@@ -102,6 +123,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_warmup_steps=750, max_train_steps=50_000, gradient_accumulation_steps=16,
         gradient_checkpointing=True, mixed_precision="bf16", save_checkpoint_steps=5_000, zero=True,
         scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+    "codeparrot-ds": dict(
+        model_config="gpt2", seq_length=128, packing="per-file", train_batch_size=32, valid_batch_size=32,
+        gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.1, num_warmup_steps=1000,
+        lr_scheduler_type="cosine", save_checkpoint_steps=5000, mixed_precision="auto", keytoken_loss=True,
+        num_train_epochs=1),
     "tiny": dict(
         model_config="tiny", train_batch_size=8, valid_batch_size=16, learning_rate=3e-3,
         num_warmup_steps=30, max_train_steps=400, gradient_accumulation_steps=1, seq_length=128,
@@ -117,8 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     and let a preset fill only what the user left out.
     """
     parser.add_argument("--preset", choices=list(PRESETS),
-                        help="the book's runs (per-GPU batch), or tiny: a small model that learns in CPU "
-                             "minutes")
+                        help="the book's runs (per-GPU batch), the course's (codeparrot-ds), or tiny: a "
+                             "small model that learns in CPU minutes")
     for f in dataclasses.fields(TrainConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         default = f" (default {f.default})" if f.default not in (None, "", ".") else ""
@@ -136,7 +162,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def given_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user typed on the command line (argparse leaves the others None)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "num_train_epochs" in given and "max_train_steps" in given:
+        raise UserError("give either --num-train-epochs or --max-train-steps, not both")
+    return given
 
 
 def resolve_config(given: dict[str, Any], preset: str | None = None) -> tuple[TrainConfig, list[str]]:
@@ -149,18 +178,27 @@ def resolve_config(given: dict[str, Any], preset: str | None = None) -> tuple[Tr
     unknown = set(given) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"not TrainConfig fields: {sorted(unknown)}")
-    cfg = TrainConfig(**{**PRESETS.get(preset or "", {}), **given})
-    notes = []
+    values = {**PRESETS.get(preset or "", {}), **given}
+    if "max_train_steps" in given and given.get("num_train_epochs") is None:
+        values["num_train_epochs"] = None  # typed steps replace a preset's epochs
+    # With both (a run's dump), the epochs win: the steps are counted from the data again.
+    cfg = TrainConfig(**values)
+    notes: list[str] = []
     if cfg.log_dir is None:
         cfg.log_dir = f"{cfg.output_dir}/log"
-    if cfg.num_warmup_steps > cfg.max_train_steps and "num_warmup_steps" not in given:
-        # The user shortened the run but never typed the preset's warmup: shorten the warmup with it.
-        notes.append(f"warmup {cfg.num_warmup_steps} steps (from the preset) is longer than "
-                     f"--max-train-steps {cfg.max_train_steps}: warming up over all "
-                     f"{cfg.max_train_steps} steps instead")
-        cfg.num_warmup_steps = cfg.max_train_steps
+    if cfg.num_train_epochs is None:
+        shorten_warmup(cfg, "num_warmup_steps" in given, notes)
     check_config(cfg)
     return cfg, notes
+
+
+def shorten_warmup(cfg: TrainConfig, warmup_typed: bool, notes: list[str]) -> None:
+    """A run shortened below the preset's warmup, warmup never typed: the warmup shrinks with the run."""
+    if cfg.num_warmup_steps > cfg.max_train_steps and not warmup_typed:
+        notes.append(f"warmup {cfg.num_warmup_steps} steps (from the preset) is longer than "
+                     f"the run's {cfg.max_train_steps} steps: warming up over all "
+                     f"{cfg.max_train_steps} steps instead")
+        cfg.num_warmup_steps = cfg.max_train_steps
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -181,7 +219,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--learning-rate must be positive, got {cfg.learning_rate}")
     if not cfg.max_grad_norm > 0:
         raise UserError(f"--max-grad-norm must be positive, got {cfg.max_grad_norm}")
-    if not 0 <= cfg.num_warmup_steps <= cfg.max_train_steps:
+    if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:
+        raise UserError(f"--num-train-epochs must be at least 1, got {cfg.num_train_epochs}")
+    if not cfg.keytoken_alpha > 0 or not [w for w in cfg.keytokens.split(",") if w.strip()]:
+        raise UserError("--keytoken-alpha must be positive and --keytokens name at least one word")
+    if cfg.push_to_hub is not None and cfg.push_to_hub.count("/") != 1:
+        raise UserError(f"--push-to-hub takes a repo id owner/name, got {cfg.push_to_hub!r}")
+    if cfg.num_train_epochs is None and not 0 <= cfg.num_warmup_steps <= cfg.max_train_steps:
         raise UserError(f"--num-warmup-steps must be in [0, --max-train-steps={cfg.max_train_steps}], "
                         f"got {cfg.num_warmup_steps}")
     if cfg.max_eval_steps == 0 or cfg.max_eval_steps < -1:

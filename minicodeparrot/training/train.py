@@ -26,10 +26,11 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -67,7 +68,14 @@ from minicodeparrot.training.checkpoint import (
     set_rng_state,
 )
 from minicodeparrot.training.checkpoint import save_checkpoint as write_checkpoint
-from minicodeparrot.training.config import TrainConfig, config_dict, given_values, resolve_config
+from minicodeparrot.training.config import (
+    TrainConfig,
+    check_config,
+    config_dict,
+    given_values,
+    resolve_config,
+    shorten_warmup,
+)
 from minicodeparrot.training.validation import evaluate_loss
 
 log = logging.getLogger("minicodeparrot.train")
@@ -80,10 +88,11 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 def train(args: argparse.Namespace | TrainConfig) -> dict:
     """Run training (the `train` command's parsed arguments, or a TrainConfig); returns the final metrics,
     identical on all ranks."""
-    if isinstance(args, TrainConfig):
-        cfg, notes = resolve_config(config_dict(args))
-    else:
-        cfg, notes = resolve_config(given_values(args), args.preset)
+    given = config_dict(args) if isinstance(args, TrainConfig) else given_values(args)
+    cfg, notes = resolve_config(given, None if isinstance(args, TrainConfig) else args.preset)
+    if cfg.mixed_precision == "auto":  # the course trained in fp16 on GPUs without bf16
+        cfg.mixed_precision = ("no" if not torch.cuda.is_available() else
+                               "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if cfg.data_workers is None:  # a GPU must never wait for tokenizing; a laptop has few cores to spare
@@ -91,13 +100,15 @@ def train(args: argparse.Namespace | TrainConfig) -> dict:
     dist_info = setup_distributed()
     run = None
     try:
-        run = set_up(cfg, dist_info, notes)
+        run = set_up(cfg, dist_info, notes, warmup_typed="num_warmup_steps" in given)
         return train_loop(run)
     finally:
         if run is not None:
             run.stop.restore()
             run.train_data.close()  # the data workers end with the run, also when it fails
             run.metrics.close()
+            if run.pusher is not None:  # waits for the last upload; what never got there is logged
+                run.pusher.close()
         teardown_distributed()
 
 
@@ -152,7 +163,7 @@ def optimizer_step(run: Run) -> dict:
         t = time.perf_counter()
         micro.append(next(run.batches))
         data_wait += time.perf_counter() - t
-    loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler)
+    loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler, run.sequence_weights)
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.max_grad_norm)
     # The loss differs per rank (each saw its own batches) and so may the stop flag: both are summed over
@@ -179,8 +190,8 @@ def optimizer_step(run: Run) -> dict:
     return stats
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], autocast,
-                         scaler) -> torch.Tensor:
+def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], autocast, scaler,
+                         sequence_weights: Callable | None = None) -> torch.Tensor:
     """Forward + backward over the micro-batches; returns the mean loss (detached, still on the device).
 
     Each loss is divided by the number of micro-batches k so the summed gradient is the gradient of the
@@ -192,6 +203,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
     Under DDP the all-reduce must happen once, after the last micro-batch: `no_sync()` must cover the
     forward too, because DDP decides at forward time whether the coming backward synchronises (the
     CodeParrot scripts wrapped only the backward, and so all-reduced on every micro-step).
+
+    `sequence_weights(batch)` ([B] weights, e.g. the course's key-token weights) turns each loss into the
+    weighted mean of per-sequence losses; every micro-batch has B sequences, so dividing by k stays exact.
     """
     k = len(micro_batches)
     ddp = unwrap_ddp(model)
@@ -201,7 +215,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
             with autocast:
                 # labels = the inputs themselves: the model shifts them inside (position t is scored on
                 # token t+1), as GPT2LMHeadModel does, so no shifted copy of the batch is ever made.
-                _, loss = model(batch, labels=batch)
+                weights = sequence_weights(batch) if sequence_weights is not None else None
+                _, loss = model(batch, labels=batch, sequence_weights=weights)
             scaler.scale(loss / k).backward()
         total += loss.detach().float()
     return total / k
@@ -261,10 +276,12 @@ def evaluate(run: Run) -> dict:
     loader = build_valid_loader(
         cfg.dataset_name_valid, run.tokenizer, seq_length=cfg.seq_length, batch_size=cfg.valid_batch_size,
         tokenized=cfg.tokenized, rank=dist_info.rank, world_size=dist_info.world_size,
-        num_workers=cfg.data_workers, device=dist_info.device)
+        num_workers=cfg.data_workers, device=dist_info.device, packing=cfg.packing)
     # The unwrapped model: DDP's forward would prepare a gradient all-reduce that never comes, and every
-    # rank holds the same weights anyway. Ranks may get different numbers of batches; evaluate_loss sums
-    # loss and token counts over ranks, so the result is the exact mean over all validation tokens.
+    # rank holds the same weights anyway. The plain mean token loss, also with --keytoken-loss (as the
+    # course evaluates), so runs with and without it compare. Ranks may get different numbers of batches;
+    # evaluate_loss sums loss and token counts over ranks, so the result is the exact mean over all
+    # validation tokens.
     with loader:
         result = evaluate_loss(run.raw_model, loader, cfg.max_eval_steps, run.autocast)
     log.info("step %d: eval loss %.4f, perplexity %.2f", run.step, result["loss"], result["perplexity"])
@@ -279,6 +296,22 @@ def save(run: Run) -> None:
                             {"args": config_dict(run.cfg), "data_layout": run.layout.to_dict()},
                             run.cfg.keep_last, run.dist_info.rank, run.dist_info.world_size)
     log.info("saved checkpoint %s", path)
+    if run.pusher is not None:
+        push_to_hub(run)
+
+
+def push_to_hub(run: Run) -> None:
+    """Rank 0 writes the Hugging Face layout (model, tokenizer, metrics so far) into OUTPUT_DIR/hub and
+    hands it to the pusher, which copies it and uploads it as "step N" beside training."""
+    folder = Path(run.cfg.output_dir) / "hub"
+    folder.mkdir(exist_ok=True)
+    run.raw_model.save_pretrained(folder)
+    run.tokenizer.save_pretrained(folder)
+    metrics = Path(run.cfg.output_dir) / "metrics.jsonl"
+    if metrics.exists():
+        shutil.copyfile(metrics, folder / "metrics.jsonl")
+    run.pusher.push(run.step, folder)
+    run.pushed_step = run.step
 
 
 def save_final_model(run: Run, result: dict) -> None:
@@ -289,6 +322,8 @@ def save_final_model(run: Run, result: dict) -> None:
         log.info("saved the final model and tokenizer to %s", run.cfg.output_dir)
         run.metrics.close({k: v for k, v in config_dict(run.cfg).items() if v is not None},
                           {"eval_loss": result["eval_loss"]})
+        if run.pusher is not None and run.pushed_step != run.step:  # resumed at the end: never pushed
+            push_to_hub(run)
     barrier()  # the other ranks wait for rank 0's files, so "the run ended" means they are complete
 
 
@@ -316,9 +351,12 @@ class Run:
     hash_weights: torch.Tensor  # for batch_hash (see batch_hashes)
     step: int = 0  # optimizer updates taken (skipped non-finite steps do not count)
     bad_steps: int = 0
+    sequence_weights: Callable[[torch.Tensor], torch.Tensor] | None = None  # --keytoken-loss
+    pusher: Any = None  # rank 0's HubPusher with --push-to-hub
+    pushed_step: int | None = None
 
 
-def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = ()) -> Run:
+def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = (), warmup_typed: bool = False) -> Run:
     """Build the model, optimizer, schedule and data; resume from a checkpoint if asked to."""
     from minicodeparrot.tokenizer.bpe import Tokenizer
 
@@ -338,19 +376,21 @@ def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = ()) -> Run:
     if cfg.tokenized:  # before anything is built: a mismatch is found in seconds, not at step 1
         for spec in (cfg.dataset_name_train, cfg.dataset_name_valid):
             check_token_shards(spec, len(tokenizer))
+    checkpoint = resume_path(cfg)
+    layout = data_layout(cfg, dist_info, checkpoint)  # on resume, this may change the accumulation
+    if cfg.num_train_epochs is not None:  # the schedule's length comes from the data
+        set_steps_from_epochs(cfg, layout, dist_info, tokenizer, warmup_typed)
     raw_model, optimizer = build_model_and_optimizer(cfg, dist_info, tokenizer)
     scheduler = make_scheduler(optimizer, cfg.num_warmup_steps, cfg.max_train_steps, cfg.lr_scheduler_type)
     # bf16 keeps fp32's exponent range, so gradients cannot underflow and need no scaling; fp16 does,
     # hence the GradScaler (disabled, and a no-op, unless --mixed-precision fp16).
     scaler = torch.amp.GradScaler(dist_info.device.type, enabled=cfg.mixed_precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    checkpoint = resume_path(cfg)
-    layout = data_layout(cfg, dist_info, checkpoint)
     train_data = build_train_loader(
         cfg.dataset_name_train, tokenizer, layout, seq_length=cfg.seq_length, seed=cfg.seed,
         micro_batch=cfg.train_batch_size, tokenized=cfg.tokenized, rank=dist_info.rank,
         world_size=dist_info.world_size, num_workers=cfg.data_workers, prefetch=cfg.prefetch,
-        device=dist_info.device)
+        device=dist_info.device, packing=cfg.packing)
     step = resume(checkpoint, dist_info, raw_model, optimizer, scheduler, scaler, train_data)
     run = Run(
         cfg=cfg, dist_info=dist_info, tokenizer=tokenizer, raw_model=raw_model,
@@ -361,13 +401,87 @@ def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = ()) -> Run:
         metrics=MetricsLog(cfg, dist_info, step), stop=StopRequest(),
         flops_per_token=raw_model.estimate_flops_per_token(cfg.seq_length),
         peak_flops=peak_flops(dist_info.device), layout=layout,
-        hash_weights=batch_hash_weights(cfg.seq_length, dist_info.device), step=step)
+        hash_weights=batch_hash_weights(cfg.seq_length, dist_info.device), step=step,
+        sequence_weights=keytoken_weighting(cfg, tokenizer, dist_info.device))
+    if cfg.push_to_hub and dist_info.is_main:  # one uploader: the files are rank 0's
+        from minicodeparrot.training.hub_push import HubPusher
+
+        run.pusher = HubPusher(cfg.push_to_hub, output_dir / "hub_staging", private=cfg.hub_private)
     if dist_info.is_main:
         (output_dir / "train_args.json").write_text(json.dumps(config_dict(cfg), indent=2) + "\n")
         (output_dir / "environment.json").write_text(json.dumps(environment(dist_info), indent=2) + "\n")
         log.info("model: %.1fM parameters, %.3g FLOPs/token; %d tokens per optimizer step",
                  raw_model.num_parameters() / 1e6, run.flops_per_token, tokens_per_step(run))
     return run
+
+
+def keytoken_weighting(cfg: TrainConfig, tokenizer, device: torch.device) -> Callable | None:
+    """With --keytoken-loss: batch -> [B] weights alpha * (1 + key tokens in each sequence)."""
+    if not cfg.keytoken_loss:
+        return None
+    from minicodeparrot.model.gpt import keytoken_ids, keytoken_weights
+
+    words = [w.strip() for w in cfg.keytokens.split(",") if w.strip()]
+    ids = keytoken_ids(tokenizer, words)
+    if not ids:
+        raise UserError(f"none of --keytokens {cfg.keytokens!r} is a single token of this tokenizer, with or "
+                        "without a leading space; name words it has as one token")
+    log.info("key-token loss: alpha %g, key tokens %s", cfg.keytoken_alpha,
+             ", ".join(repr(tokenizer.decode([i])) for i in ids))
+    return partial(keytoken_weights, key_ids=torch.tensor(ids, device=device), alpha=cfg.keytoken_alpha)
+
+
+def set_steps_from_epochs(cfg: TrainConfig, layout: DataLayout, dist_info: DistInfo, tokenizer,
+                          warmup_typed: bool) -> None:
+    """--max-train-steps from --num-train-epochs; a preset's warmup shrinks with a short run, as when the
+    steps are typed (config.resolve_config)."""
+    cfg.max_train_steps = steps_from_epochs(cfg, layout, dist_info, tokenizer)
+    notes: list[str] = []
+    shorten_warmup(cfg, warmup_typed, notes)
+    check_config(cfg)
+    for note in notes:
+        log.info("%s", note)
+
+
+def steps_from_epochs(cfg: TrainConfig, layout: DataLayout, dist_info: DistInfo, tokenizer) -> int:
+    """--num-train-epochs as optimizer steps: the sequences of one epoch over the global batch (full steps
+    only, as the training batches run on into the next epoch without a short batch)."""
+    per_epoch = sequences_per_epoch(cfg, layout, dist_info, tokenizer)
+    per_step = layout.global_batch
+    if per_epoch < per_step:
+        raise UserError(f"one epoch of the training data is {per_epoch} sequences, fewer than the "
+                        f"{per_step} of one optimizer step; use more data or a smaller batch")
+    steps = per_epoch // per_step * cfg.num_train_epochs
+    log.info("%d epoch(s) of %d sequences, %d per step: %d optimizer steps", cfg.num_train_epochs,
+             per_epoch, per_step, steps)
+    return steps
+
+
+def sequences_per_epoch(cfg: TrainConfig, layout: DataLayout, dist_info: DistInfo, tokenizer) -> int:
+    """Sequences per epoch: from the token shards' headers, or one counting pass over the files
+    (tokenizing them all once, reported in the log; per-file counts are exact, concat ones to within the
+    buffers' dropped tails). A Hub dataset is streamed: its size is not known before reading it all."""
+    from tqdm.auto import tqdm
+
+    from minicodeparrot.data.packing import ConstantLengthDataset
+    from minicodeparrot.data.pretokenize import TokenShardDataset
+    from minicodeparrot.sources.shards import ShardStream, resolve_sources
+
+    if cfg.tokenized:  # each of the S streams takes windows // S per epoch
+        windows = TokenShardDataset(cfg.dataset_name_train, seq_length=cfg.seq_length).num_windows
+        return windows // layout.streams * layout.streams
+    if any(source.repo_id for source in resolve_sources(cfg.dataset_name_train)):
+        raise UserError("--num-train-epochs needs the data's size, which a streamed Hub dataset does not "
+                        "give; download and `pretokenize` it, or give --max-train-steps")
+    start = time.perf_counter()
+    stream = ShardStream(cfg.dataset_name_train, split_by_rank=False, shuffle_files=False)
+    packed = ConstantLengthDataset(tokenizer, stream, seq_length=cfg.seq_length, packing=cfg.packing)
+    bar = tqdm(packed, desc="counting sequences", unit="seq",
+               disable=not (cfg.progress and dist_info.is_main))
+    total = sum(1 for _ in bar)
+    log.info("counted %d sequences of %d tokens (%s packing) in the training data in %.1f s", total,
+             cfg.seq_length, cfg.packing, time.perf_counter() - start)
+    return total
 
 
 def build_model_and_optimizer(cfg: TrainConfig, dist_info: DistInfo, tokenizer) -> tuple[nn.Module, Any]:

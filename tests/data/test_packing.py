@@ -195,3 +195,65 @@ def test_in_process_encoding_yields_the_same_blocks_document_by_document(tokeniz
     assert head + [b.tolist() for b in resumed] == expected
     assert bulk.tokens_dropped > 0
     assert (resumed.tokens_total, resumed.tokens_dropped) == (bulk.tokens_total, bulk.tokens_dropped)
+
+
+# --- per-file packing: the Hugging Face course's chunks (issue 22) ------------------------------------------
+@pytest.fixture(scope="module")
+def course_tokenizer(gpt2_dir):
+    """The course's tokenizer call, with the reference GPT-2 tokenizer (transformers' fast tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_dir))
+
+
+def course_chunks(course_tokenizer, texts, context_length):
+    """The course's `tokenize` function: overflow chunks of each file, only the full-length ones kept."""
+    outputs = course_tokenizer(texts, truncation=True, max_length=context_length,
+                               return_overflowing_tokens=True, return_length=True)
+    kept = [ids for length, ids in zip(outputs["length"], outputs["input_ids"], strict=True)
+            if length == context_length]
+    dropped = sum(length for length in outputs["length"] if length != context_length)
+    return kept, dropped
+
+
+@pytest.mark.parametrize("num_workers", [None, 1])
+def test_per_file_chunks_are_the_reference_overflow_chunks(tokenizer, course_tokenizer, num_workers):
+    held_out = stdlib_texts(limit=120)[90:120]  # files no other test here packs
+    # A file quoting the EOS token: the course's tokenizer parses it as the special token, and so must we.
+    held_out.append("marker = '<|endoftext|>'\n" * 40)
+    ds = ConstantLengthDataset(tokenizer, held_out, seq_length=128, num_of_sequences=8, chars_per_token=3.0,
+                               packing="per-file", num_workers=num_workers)
+    got = [b.tolist() for b in ds]
+    expected, dropped = course_chunks(course_tokenizer, held_out, 128)
+    assert got == expected and len(got) > 300
+    assert any(EOS in chunk for chunk in got)  # the quoted token, as the reference encodes it
+    assert ds.tokens_dropped == dropped and ds.tokens_total == len(got) * 128 + dropped
+
+
+def test_per_file_keeps_files_apart_and_drops_short_ones(tokenizer, course_tokenizer):
+    # The course's example shape: files of 2.5, 1.6 and 0.6 chunks give 2 + 1 + 0 full chunks.
+    short = "x = 1\n"
+    texts = [short * 60, short * 38, short * 14]
+    lengths = [len(course_tokenizer(t)["input_ids"]) for t in texts]
+    ds = ConstantLengthDataset(tokenizer, texts, seq_length=64, packing="per-file")
+    got = [b.tolist() for b in ds]
+    assert len(got) == sum(n // 64 for n in lengths) and 0 < len(got) < sum(lengths) // 64
+    expected, _ = course_chunks(course_tokenizer, texts, 64)
+    assert got == expected
+
+
+def test_per_file_resume_gives_identical_chunks(tokenizer, texts):
+    kw = dict(seq_length=128, num_of_sequences=6, chars_per_token=3.0, packing="per-file")
+    first = ConstantLengthDataset(tokenizer, texts[:25], **kw)
+    whole = [b.tolist() for b in first]
+    for cut in (1, 17, len(whole) - 1):
+        ds = ConstantLengthDataset(tokenizer, texts[:25], **kw)
+        head = [b.tolist() for b in itertools.islice(iter(ds), cut)]
+        resumed = ConstantLengthDataset(tokenizer, texts[:25], **kw)
+        resumed.load_state_dict(ds.state_dict())
+        assert head + [b.tolist() for b in resumed] == whole, cut
+        assert (resumed.tokens_total, resumed.tokens_dropped) == (first.tokens_total, first.tokens_dropped)
+
+
+def test_unknown_packing_is_a_one_line_error(tokenizer):
+    with pytest.raises(UserError, match="unknown packing 'per_file'"):
+        ConstantLengthDataset(tokenizer, ["x"], packing="per_file")

@@ -198,3 +198,35 @@ def test_cli(corpus, tmp_path, shards):
     assert written == [p.read_bytes() for p in shards[1]["shards"]]
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "already holds token shards" in again.stderr
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_per_file_shards_hold_exactly_the_course_chunks(corpus, tokenizer, tmp_path, num_workers):
+    """`--packing per-file`: the windows are the course tokenizer's full overflow chunks, in file order,
+    also across shard boundaries (shards of 1000 tokens hold 7 chunks of 128, not 7.8)."""
+    transformers = pytest.importorskip("transformers")
+    from minicodeparrot.sources.shards import iter_texts
+
+    summary = pretokenize(corpus, tokenizer, tmp_path, num_workers=num_workers, tokens_per_shard=1000,
+                          packing="per-file", seq_length=128, show_progress=False)
+    ref = transformers.GPT2TokenizerFast.from_pretrained(str(FIXTURES))
+    out = ref(list(iter_texts(corpus)), truncation=True, max_length=128, return_overflowing_tokens=True,
+              return_length=True)
+    expected = [ids for n, ids in zip(out["length"], out["input_ids"], strict=True) if n == 128]
+    ds = TokenShardDataset(tmp_path, seq_length=128, shuffle=False)
+    assert [ds.window(i).tolist() for i in range(ds.num_windows)] == expected
+    assert all(read_header(p)[1] % 128 == 0 for p in summary["shards"]) and len(summary["shards"]) > 2
+    assert summary["tokens_dropped"] == sum(n for n in out["length"] if n != 128)
+
+
+def test_per_file_shards_refuse_another_packing_or_length(corpus, tokenizer, tmp_path):
+    from minicodeparrot.data.pretokenize import check_shard_packing
+
+    with pytest.raises(UserError, match="give --seq-length"):
+        pretokenize(corpus, tokenizer, tmp_path / "x", packing="per-file", show_progress=False)
+    pretokenize(corpus, tokenizer, tmp_path / "pf", packing="per-file", seq_length=64, show_progress=False)
+    check_shard_packing(tmp_path / "pf", "per-file", 64)
+    with pytest.raises(UserError, match="chunks of 64 tokens, this run has --seq-length 128"):
+        check_shard_packing(tmp_path / "pf", "per-file", 128)
+    with pytest.raises(UserError, match="written with --packing per-file, this run has --packing concat"):
+        check_shard_packing(tmp_path / "pf", "concat", 64)

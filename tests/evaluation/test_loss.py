@@ -63,6 +63,31 @@ def test_cli_evaluate_loss_equals_transformers_on_hand_packed_blocks(tmp_path, g
     assert abs(loss_of_blocks([]) - expected) > 10 * 1e-5 * expected  # the check can tell packings apart
 
 
+def test_cli_evaluate_loss_per_file_equals_transformers_on_the_course_chunks(tmp_path, gpt2_dir, capsys):
+    """--packing per-file: the loss over the course tokenizer's full overflow chunks, by GPT2LMHeadModel."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import stdlib_texts
+
+    model_dir = save_tiny_model(tmp_path / "model", gpt2_dir)
+    records = [{"content": t[:700]} for t in stdlib_texts(limit=6)]
+    data = tmp_path / "file-000000000001_validation.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cli.main(["evaluate-loss", "--model", str(model_dir), "--dataset", str(data), "--seq-length", "32",
+              "--batch-size", "5", "--packing", "per-file", "--output", str(tmp_path / "r.json"),
+              "--no-progress"])
+    result = json.loads((tmp_path / "r.json").read_text())
+
+    reference_tokenizer = transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir)
+    out = reference_tokenizer([r["content"] for r in records], truncation=True, max_length=32,
+                              return_overflowing_tokens=True, return_length=True)
+    ids = torch.tensor([c for n, c in zip(out["length"], out["input_ids"], strict=True) if n == 32])
+    with torch.no_grad():
+        expected = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()(ids, labels=ids).loss.item()
+    assert result["tokens"] == len(ids) * 31 and result["packing"] == "per-file"
+    assert result["tokens_dropped_rank0"] == sum(n for n in out["length"] if n != 32)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_validation_shards_are_picked_out_of_a_corpus_directory(tmp_path):
     for name in ("file-000000000000.json", "file-000000000001.json", "file-000000000002_validation.json"):
         (tmp_path / name).write_text(json.dumps({"content": "x = 1\n"}) + "\n")

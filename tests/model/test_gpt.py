@@ -424,3 +424,95 @@ def test_generate_cli_with_hub_model(hub_model, capsys):
         main(["generate", "--model", "owner/no-such-model", "--prompt", prompt, "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "owner/no-such-model" in capsys.readouterr().err
+
+
+# --- the course's key-token weighted loss (issue 22) ---------------------------------------------------
+def course_keytoken_loss(inputs, logits, keytoken_ids, alpha=1.0):
+    """The course's `keytoken_weighted_loss` (chapter 7.6), written out plainly on full logits."""
+    shift_labels = inputs[..., 1:]
+    shift_logits = logits[..., :-1, :]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           reduction="none")
+    loss_per_sample = loss.view(shift_logits.size(0), shift_logits.size(1)).mean(dim=1)
+    weights = torch.stack([(inputs == kt).float() for kt in keytoken_ids]).sum(dim=[0, 2])
+    weights = alpha * (1.0 + weights)
+    return (loss_per_sample * weights).mean()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_keytoken_loss_equals_the_course_formula_on_reference_logits(tmp_path, monkeypatch, alpha):
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 5 * 101)  # 5 tokens a chunk, uneven
+    ref = _hf_model(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    ref.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path, pad_vocab_size_multiple=64).train()
+    x = _batch(4, 23)
+    key = [3, 17, 42]
+    x[0, :5] = 17  # sequences with 0, a few and many key tokens: different weights
+    x[2, ::2] = 42
+    x[3] = torch.where(torch.isin(x[3], torch.tensor(key)), 0, x[3])
+    ref.zero_grad(set_to_none=True)
+    expected = course_keytoken_loss(x, ref(input_ids=x).logits, key, alpha)
+    expected.backward()
+    ref_grads = _as_ours({n: p.grad for n, p in ref.named_parameters()})
+    weights = model_module.keytoken_weights(x, torch.tensor(key), alpha)
+    assert weights[3].item() == pytest.approx(alpha) and weights[0].item() >= 6 * alpha
+    for kw in ({}, {"return_logits": True}):
+        loss, grads = _loss_and_grads(ours, x, x, sequence_weights=weights, **kw)
+        assert abs(loss.item() - expected.item()) <= 1e-5, kw
+        for name, g in grads.items():
+            if name == "transformer.wte.weight":
+                g = g[: SMALL["vocab_size"]]
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=0, msg=name)
+    # The plain mean is not what this is: the weights change the value.
+    assert abs(ours(x, labels=x)[1].item() - expected.item()) > 1e-3
+
+
+def test_keytoken_ids_are_the_words_the_reference_encodes_as_one_token(gpt2_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+
+    ref = tokenizers.Tokenizer.from_file(str(gpt2_dir / "tokenizer.json"))
+    words = ["plt", "pd", "sk", "fit", "predict", "testtest"]
+    expected = []
+    for word in words:
+        for text in (word, " " + word):
+            ids = ref.encode(text, add_special_tokens=False).ids
+            if len(ids) == 1:
+                expected.append(ids[0])
+    got = model_module.keytoken_ids(Tokenizer.from_pretrained(gpt2_dir), words)
+    assert sorted(got) == sorted(expected) and 0 < len(got) < 12  # some words are several tokens
+
+
+@pytest.mark.slow
+def test_keytoken_loss_memory_stays_under_half_the_full_logits_path():
+    """Peak memory growth of one fwd+bwd (scripts/bench_model.py's measurement): the weighted fused loss
+    against GPT2LMHeadModel's logits fed to the course's formula, where the logits dominate."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_model", Path(__file__).parents[2] / "scripts" / "bench_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = GPTConfig(vocab_size=32768, n_positions=512, n_embd=128, n_layer=1, n_head=4,
+                       embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    torch.manual_seed(0)
+    ours = GPT(config).train()
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config.to_hf_dict())).train()
+    x = torch.randint(0, 32768, (4, 512))
+    key = [5, 77, 900]
+    weights = model_module.keytoken_weights(x, torch.tensor(key))
+
+    def ours_step():
+        ours(x, labels=x, sequence_weights=weights)[1].backward()
+
+    def ref_step():
+        course_keytoken_loss(x, ref(input_ids=x).logits, key).backward()
+
+    growth = {}
+    for name, step, model in (("ours", ours_step, ours), ("reference", ref_step, ref)):
+        step()  # warm-up, then measured with the gradients created inside the step, as in training
+        model.zero_grad(set_to_none=True)
+        growth[name] = bench.peak_growth_MiB(step, "cpu")
+    print(f"keytoken loss peak growth: {growth}, ratio {growth['ours'] / growth['reference']:.2f}")
+    assert growth["ours"] <= 0.5 * growth["reference"], growth

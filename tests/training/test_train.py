@@ -377,9 +377,10 @@ def _kill_tree(root: int) -> list[int]:
     return tree
 
 
-@pytest.mark.parametrize("launcher,workers", [("one", 0), ("one", 1), ("one", 2), ("torchrun", 0),
-                                              ("torchrun", 1), ("torchrun", 2)])
-def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path, launcher, workers):
+@pytest.mark.parametrize("launcher,workers,packing", [
+    ("one", 0, "concat"), ("one", 1, "concat"), ("one", 2, "concat"), ("torchrun", 0, "concat"),
+    ("torchrun", 1, "concat"), ("torchrun", 2, "concat"), ("one", 1, "per-file")])
+def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path, launcher, workers, packing):
     """Kill -9 the whole run (every process of its session) after a checkpoint; resuming gives the
     uninterrupted run's losses bit for bit, with the data workers' pipelines restored exactly."""
     cmd = [sys.executable, "-m", "minicodeparrot", "train"]
@@ -387,7 +388,7 @@ def test_sigkill_and_resume_is_bitwise_identical(work, tmp_path, launcher, worke
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "minicodeparrot", "train"]
     common = ("--max-train-steps", "12", "--save-checkpoint-steps", "4", "--keep-last", "2",
-              "--max-eval-steps", "1", "--data-workers", str(workers))
+              "--max-eval-steps", "1", "--data-workers", str(workers), "--packing", packing)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     full = subprocess.run([*cmd, *_args(work, ref, *common)], env=ENV, capture_output=True, text=True,
                           timeout=300)
@@ -485,10 +486,10 @@ def test_torchrun_sigterm_checkpoints_every_rank_and_resumes(work, tmp_path):
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     assert state["step"] == last_step and state["world_size"] == 2
     ranks = [torch.load(ckpt / f"rank_{r}.pt", weights_only=True) for r in range(2)]
-    data = [r["data"] for r in ranks]  # each rank's own stream position and shuffle buffer
-    assert [d["rank"] for d in data] == [0, 1]
-    buffers = [d["pipelines"][0]["sequences"]["items"] for d in data]
-    assert buffers[0].dtype == torch.uint16 and buffers[0].shape == (8, 32)  # --sequence-shuffle-buffer 8
+    data = [r["data"] for r in ranks]  # each rank's own streams: the position and shuffle buffer of each
+    assert [sorted(d["streams"]) for d in data] == [[0, 2, 4, 6], [1, 3, 5, 7]]  # 8 streams, dealt in turn
+    buffers = [d["streams"][r]["sequences"]["items"] for r, d in enumerate(data)]
+    assert buffers[0].dtype == torch.uint16 and buffers[0].shape == (2, 32)  # 8 per rank over 4 streams
     assert not torch.equal(buffers[0], buffers[1])  # different files per rank
     assert ranks[0]["rng"]["torch"].ne(ranks[1]["rng"]["torch"]).any()
     weights = torch.load(ckpt / "model.pt", weights_only=True)
@@ -759,3 +760,124 @@ def test_resume_with_a_micro_batch_that_cannot_divide_is_one_line(work, tmp_path
     r = subprocess.run([*cmd, *_args(work, out, "--max-train-steps", "4", "--resume-from-checkpoint",
                                      "latest")], env=ENV, capture_output=True, text=True, timeout=200)
     assert r.returncode == 2 and "has no rank_0.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- the Hugging Face course's recipe (issue 22) ------------------------------------------------------------
+def _full_chunks(work: dict, seq_length: int) -> int:
+    """Full seq_length chunks over the training files, each file cut alone (counted with the plain encoder,
+    not the packer)."""
+    from minicodeparrot.sources.shards import iter_texts
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+
+    tok = Tokenizer.from_pretrained(work["tok"])
+    return sum(len(tok.encode(text)) // seq_length for text in iter_texts(work["train"]))
+
+
+def test_epochs_from_a_counting_pass_and_from_token_shards(work, tmp_path, capsys):
+    from minicodeparrot.data.pretokenize import pretokenize
+    from minicodeparrot.tokenizer.bpe import Tokenizer
+
+    # Per-file chunks of 32 at 8 x 64 sequences a step: the epoch is all full steps of the counted chunks.
+    chunks = _full_chunks(work, 32)
+    argv = _args(work, tmp_path / "files", "--num-train-epochs", "1", "--packing", "per-file",
+                 "--train-batch-size", "64", "--gradient-accumulation-steps", "8")
+    assert _steps_of(argv) == chunks // (64 * 8) >= 1
+    assert f"counted {chunks} sequences of 32 tokens (per-file packing)" in capsys.readouterr().err
+
+    # Token shards: the windows per consumer, known from the headers; 2 epochs are twice the steps.
+    tok = Tokenizer.from_pretrained(work["tok"])
+    for split in ("train", "valid"):
+        pretokenize(work[split], tok, tmp_path / split, packing="per-file", seq_length=32,
+                    show_progress=False)
+    argv = _args(work, tmp_path / "out", "--num-train-epochs", "2", "--tokenized", "--packing", "per-file",
+                 "--train-batch-size", "256", "--gradient-accumulation-steps", "4",
+                 "--dataset-name-train", str(tmp_path / "train"),
+                 "--dataset-name-valid", str(tmp_path / "valid"))
+    assert _steps_of(argv) == 2 * (chunks // 1024)
+
+
+def _steps_of(argv: list[str]) -> int:
+    """The run's max_train_steps as set_up fixes it (no step taken)."""
+    from minicodeparrot.cli import build_parser
+
+    args = build_parser().parse_args(["train", *argv])
+    cfg, _ = T.resolve_config(T.given_values(args), args.preset)
+    cfg.data_workers = 0
+    run = T.set_up(cfg, T.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    run.train_data.close()
+    run.metrics.close()
+    run.stop.restore()
+    return run.cfg.max_train_steps
+
+
+def test_epochs_errors_are_one_line(work, tmp_path, capsys):
+    from hubserver import HubServer
+
+    from minicodeparrot.cli import main
+
+    def error(*extra: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(["train", *_args(work, tmp_path / "e", *extra)])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert e.value.code == 2 and "Traceback" not in err and len(errors) == 1, err
+        return errors[0]
+
+    assert "either --num-train-epochs or --max-train-steps" in error("--num-train-epochs", "1",
+                                                                     "--max-train-steps", "5")
+    with HubServer(datasets={"me/data": work["train"]}) as server:
+        os.environ["HF_ENDPOINT"] = server.url
+        try:
+            err = error("--num-train-epochs", "1", "--dataset-name-train", "hub://me/data")
+        finally:
+            del os.environ["HF_ENDPOINT"]
+    assert "streamed Hub dataset" in err and "--max-train-steps" in err
+    assert "is a single token" in error("--keytoken-loss", "--keytokens", "matplotlib", "--max-train-steps",
+                                        "2")
+
+
+def test_course_preset_trains_and_pushes_every_save_through_a_failing_hub(work, tmp_path, monkeypatch):
+    """--preset codeparrot-ds with a tiny model: per-file chunks, key-token loss, a push at every save to a
+    loopback Hub that fails half the upload requests at random and every other push outright."""
+    from hubserver import HubServer
+
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.sources import hub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_write")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy(attempts=6, base_delay=0.001, max_delay=0.01,
+                                                       timeout=(5.0, 5.0)))
+    push = T.push_to_hub
+    saves = []
+
+    def push_with_outage(run):  # every other push meets a Hub that is down for all its retries
+        saves.append(run.step)
+        if len(saves) % 2:
+            server.upload_faults.extend([("status", 503)] * hub.RETRY.attempts)
+        push(run)
+
+    monkeypatch.setattr(T, "push_to_hub", push_with_outage)
+    out = tmp_path / "out"
+    with HubServer(upload_dir=tmp_path / "hub", token="hf_write", cross_host=True) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        server.upload_fault_rate(0.5, seed=3)
+        argv = _args(work, out, "--preset", "codeparrot-ds", "--model-config", str(work["model"]),
+                     "--train-batch-size", "4", "--gradient-accumulation-steps", "2", "--max-train-steps",
+                     "6", "--save-checkpoint-steps", "2", "--keytokens", "def,self,(",
+                     "--push-to-hub", "me/run")
+        result = T.train(build_parser().parse_args(["train", *argv]))
+        commits = [c["summary"] for c in server.commits["me/run"]]
+        assert result["step"] == 6 and server.random_upload_faults > 0 and saves == [2, 4, 6]
+        named = [c.removeprefix("step ").replace(" (also covers step", ",").rstrip(")") for c in commits]
+        covered = sorted(int(s) for c in named for s in c.split(", "))
+        assert covered == [2, 4, 6] and commits[-1].startswith("step 6") and len(commits) >= 2, commits
+        recorded = json.loads((out / "train_args.json").read_text())
+        assert recorded["packing"] == "per-file" and recorded["keytoken_loss"]
+        assert recorded["seq_length"] == 32 and recorded["gradient_accumulation_steps"] == 2
+        assert recorded["learning_rate"] == 5e-4 and recorded["mixed_precision"] == "no"  # auto, on a CPU
+        pushed = GPT.from_pretrained("me/run").state_dict()  # by its Hub id, through the download side
+        final = GPT.from_pretrained(out).state_dict()
+        assert all(torch.equal(pushed[k], final[k]) for k in final)
+        assert [json.loads(x)["step"] for x in (server.upload_dir / "me/run" / "metrics.jsonl").read_text()
+                .splitlines()][-1] == 6
