@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -46,11 +47,13 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup_distributed() -> DistInfo:
+def setup_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Join torchrun's process group; without torchrun, run as one process on the first GPU (or the CPU).
 
     NCCL for GPUs and gloo for CPUs. `device_id` binds the NCCL communicator to this rank's GPU at once,
-    so the first collective does not have to guess it (and warn, or hang when guessing wrong).
+    so the first collective does not have to guess it (and warn, or hang when guessing wrong). `timeout`:
+    how long a collective may wait for the other ranks before it fails (None: torch's default, 10 minutes
+    for NCCL, 30 for gloo).
     """
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -60,10 +63,10 @@ def setup_distributed() -> DistInfo:
     if cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
+        dist.init_process_group(backend="nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=timeout)
     return DistInfo(rank, local_rank, world, device)
 
 

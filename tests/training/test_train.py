@@ -545,16 +545,22 @@ def test_non_finite_loss_stops_naming_the_step_and_a_skipped_step_leaves_no_trac
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
 
 
-def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch):
-    """Count the calls in training/train.py that make the host wait for the device (.item, int(t), ...)."""
+@pytest.mark.parametrize("extra", [(), pytest.param(("--data-workers", "2"), marks=pytest.mark.slow),
+                                   pytest.param(("--compile",), marks=pytest.mark.slow)],
+                         ids=["eager", "data-workers", "compile"])
+def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch, extra):
+    """Count the calls that make the host wait for the device (.item, int(t), ...) in training/train.py and,
+    on the consumer's side of the data workers, in data/loader.py."""
     from minicodeparrot.cli import build_parser
+    from minicodeparrot.data import loader
 
+    files = {T.__file__, loader.__file__}
     counts = {"n": 0}
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"):
         real = getattr(torch.Tensor, name)
 
         def counting(self, *a, _real=real, **k):
-            if sys._getframe(1).f_code.co_filename == T.__file__:
+            if sys._getframe(1).f_code.co_filename in files:
                 counts["n"] += 1
             return _real(self, *a, **k)
 
@@ -563,7 +569,7 @@ def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch):
     def run(steps: int) -> int:
         counts["n"] = 0
         argv = _args(work, tmp_path / f"s{steps}", "--max-train-steps", str(steps),
-                     "--gradient-accumulation-steps", "2", "--save-checkpoint-steps", "1000")
+                     "--gradient-accumulation-steps", "2", "--save-checkpoint-steps", "1000", *extra)
         T.train(build_parser().parse_args(["train", *argv]))
         return counts["n"]
 
