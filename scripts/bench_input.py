@@ -5,9 +5,12 @@
 
 builds the same loader the training loop uses (`loader.build_train_loader`, the preset's shuffle
 buffers by default) and consumes it like a GPU that needs `--consumer-tokens-per-s` tokens per second:
-after each batch it sleeps as long as that step would take. It reports the share of wall time spent
-waiting for data and the longest single wait, both after `--warmup-steps` (the first batch waits for
-the shuffle buffers to fill), then the size of the loader's checkpoint state. The last line is
+after each batch it stages the next one, as the loop does before its sync (`Loader.stage`), then sleeps
+until that step would end. A wait is the time the simulated GPU has no batch: getting the staged batch,
+plus staging beyond the step's end. It reports the share of wall time spent waiting for data, the
+longest single wait, both after `--warmup-steps` (the first batch waits for the shuffle buffers to fill),
+the consumer's own CPU time per batch (receiving, converting, the state mirror), then the size of the
+loader's checkpoint state. The last line is
 
     data wait: P% of wall time, max wait M ms after warm-up (N workers, T tokens/s delivered)
 
@@ -48,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record-shuffle-buffer", type=int, default=10_000)
     p.add_argument("--sequence-shuffle-buffer", type=int, default=10_000)
     p.add_argument("--tokenized", action="store_true", help="--dataset holds pretokenized shards")
+    p.add_argument("--launch-ms", type=float, default=0.0,
+                   help="ms of each simulated step the host spends on small torch ops before staging, like "
+                        "a loop launching kernels (0: it only sleeps, so every batch is received cold)")
+    p.add_argument("--no-stage", action="store_true",
+                   help="receive each batch after the simulated GPU step instead of during it (the loop "
+                        "before `Loader.stage`)")
     p.add_argument("--max-rate", action="store_true",
                    help="no simulated GPU: the highest rate with 1, 2 and 4 workers (or --data-workers)")
     return p.parse_args(argv)
@@ -57,6 +66,14 @@ def state_megabytes(loader) -> float:
     buf = io.BytesIO()
     torch.save(loader.state_dict(), buf)
     return buf.tell() / 1e6
+
+
+def launch(seconds: float) -> None:
+    """Keep the host busy with small torch ops for `seconds`, as a GPU loop's host thread is while it
+    launches the step's kernels: torch's code and data then sit in the caches when `stage` runs."""
+    x, end = torch.zeros(64), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        x.add_(1)
 
 
 def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per_s: float | None) -> dict:
@@ -75,14 +92,22 @@ def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per
         t0 = time.perf_counter()
         for _ in range(args.steps):
             t, c = time.perf_counter(), time.thread_time()
-            batch = next(loader)
+            batch = next(loader)  # staged during the previous step, unless --no-stage
+            c_next = time.thread_time() - c
+            gpu_done = time.perf_counter() + step_s  # the simulated GPU starts on this batch now
+            wait = gpu_done - step_s - t
+            launch(args.launch_ms / 1000)
+            c_stage = time.thread_time()
+            if not args.no_stage:
+                loader.stage(1)  # as the training loop does before its one sync: during the GPU step
+                wait += max(0.0, time.perf_counter() - gpu_done)  # only the part the GPU waits for
             # CPU time is what receiving costs the consumer itself; the wait also holds time spent blocked
             # on a worker and time the consumer's vCPU was busy with someone else (a shared 2-core box).
-            cpu.append(time.thread_time() - c)
-            waits.append(time.perf_counter() - t)
+            cpu.append(time.thread_time() - c_stage + c_next)
+            waits.append(wait)
             tokens += batch.numel()
             if step_s:
-                time.sleep(step_s)  # the GPU step; the workers keep producing meanwhile
+                time.sleep(max(0.0, gpu_done - time.perf_counter()))  # the sync: the workers keep producing
         wall = time.perf_counter() - t0
         state_mb = state_megabytes(loader)
     return {"workers": workers, "wait_share": sum(waits) / wall, "max_wait_ms": 1000 * max(waits),

@@ -66,14 +66,28 @@ def test_resume_continues_bitwise(corpus, tok, workers):
     assert len({tuple(b.flatten().tolist()) for b in full}) == k + m  # a real stream, not one batch
     with build_train_loader(corpus / "train", tok, num_workers=workers, **TRAIN) as loader:
         head = take(loader, k)
+        loader.stage(3)  # as the training loop does before it checkpoints
         time.sleep(0.5)  # let the workers run ahead: the state must still be the one after batch k
         state = checkpointed(loader.state_dict())
+        staged = take(loader, 4)  # the staged batches come next, then one received as usual
+    assert all(torch.equal(a, b) for a, b in zip(full[k:k + 4], staged, strict=True))
     assert state["shares"] == max(1, workers) and state["next"] == k % max(1, workers)
     with build_train_loader(corpus / "train", tok, num_workers=workers, **TRAIN) as resumed:
         resumed.load_state_dict(state)
         tail = take(resumed, m)
     for i, (a, b) in enumerate(zip(full, head + tail, strict=True)):
         assert torch.equal(a, b), f"batch {i} differs after resuming at {k}"
+
+
+def test_a_worker_dying_while_staging_fails_the_next_batch(corpus, tok):
+    loader = build_train_loader(corpus / "train", tok, num_workers=2, prefetch=2, **TRAIN)
+    take(loader, 2)
+    pid = loader._procs[0].pid
+    os.kill(pid, signal.SIGKILL)
+    loader.stage(50)  # the step in progress goes on: the error waits for the batch that cannot come
+    with pytest.raises(UserError, match=rf"data worker 0 \(pid {pid}\) of rank 0 was killed by SIGKILL"):
+        take(loader, 50)
+    assert children_alive([p.pid for p in loader._procs]) == []
 
 
 def test_other_worker_counts_resume_exactly_or_fail_in_one_line(corpus, tok):

@@ -236,6 +236,34 @@ def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
     assert res["eval"] == pytest.approx(ref_eval, rel=1e-6)
 
 
+def _lonely_barrier_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from datetime import timedelta
+
+    from minicodeparrot.dist import barrier, setup_distributed
+
+    setup_distributed(timeout=timedelta(seconds=2))
+    if rank == 0:
+        t = time.time()
+        try:
+            barrier()
+        except RuntimeError as e:
+            Path(out).write_text(f"{time.time() - t} {e}")
+    else:  # never joins the barrier; stays alive (a hung rank, not a dead one) until rank 0 has given up
+        deadline = time.time() + 120
+        while not Path(out).exists() and time.time() < deadline:
+            time.sleep(0.1)
+    os._exit(0)  # no teardown: the group is broken on purpose
+
+
+def test_dist_timeout_ends_a_collective_that_waits_too_long(tmp_path):
+    """--dist-timeout reaches the process group: a collective a rank never joins fails after it."""
+    out = tmp_path / "waited.txt"
+    mp.spawn(_lonely_barrier_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    waited = float(out.read_text().split()[0])
+    assert 1.5 < waited < 60, out.read_text()  # torch's default would wait 30 minutes
+
+
 def _compiled_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
