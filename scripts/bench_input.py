@@ -51,9 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record-shuffle-buffer", type=int, default=10_000)
     p.add_argument("--sequence-shuffle-buffer", type=int, default=10_000)
     p.add_argument("--tokenized", action="store_true", help="--dataset holds pretokenized shards")
-    p.add_argument("--launch-ms", type=float, default=0.0,
-                   help="ms of each simulated step the host spends on small torch ops before staging, like "
-                        "a loop launching kernels (0: it only sleeps, so every batch is received cold)")
     p.add_argument("--no-stage", action="store_true",
                    help="receive each batch after the simulated GPU step instead of during it (the loop "
                         "before `Loader.stage`)")
@@ -66,14 +63,6 @@ def state_megabytes(loader) -> float:
     buf = io.BytesIO()
     torch.save(loader.state_dict(), buf)
     return buf.tell() / 1e6
-
-
-def launch(seconds: float) -> None:
-    """Keep the host busy with small torch ops for `seconds`, as a GPU loop's host thread is while it
-    launches the step's kernels: torch's code and data then sit in the caches when `stage` runs."""
-    x, end = torch.zeros(64), time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        x.add_(1)
 
 
 def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per_s: float | None) -> dict:
@@ -93,17 +82,14 @@ def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per
         for _ in range(args.steps):
             t, c = time.perf_counter(), time.thread_time()
             batch = next(loader)  # staged during the previous step, unless --no-stage
-            c_next = time.thread_time() - c
             gpu_done = time.perf_counter() + step_s  # the simulated GPU starts on this batch now
             wait = gpu_done - step_s - t
-            launch(args.launch_ms / 1000)
-            c_stage = time.thread_time()
             if not args.no_stage:
                 loader.stage(1)  # as the training loop does before its one sync: during the GPU step
                 wait += max(0.0, time.perf_counter() - gpu_done)  # only the part the GPU waits for
             # CPU time is what receiving costs the consumer itself; the wait also holds time spent blocked
             # on a worker and time the consumer's vCPU was busy with someone else (a shared 2-core box).
-            cpu.append(time.thread_time() - c_stage + c_next)
+            cpu.append(time.thread_time() - c)
             waits.append(wait)
             tokens += batch.numel()
             if step_s:
