@@ -329,12 +329,12 @@ class Loader:
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
         tokens = torch.from_numpy(batch).to(torch.long)  # workers send int64; the in-process pipeline uint16
         if self.device.type == "cuda":
-            # Converted into page-locked memory, from where the copy to the GPU runs asynchronously
-            # (from ordinary memory it would make the host wait). torch's caching host allocator does not
-            # hand that memory out again before the copy has finished.
+            # Through page-locked memory, from where the copy to the GPU runs asynchronously (from ordinary
+            # memory it would make the host wait). torch's caching host allocator does not hand that memory
+            # out again before the copy has finished.
             pinned = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
             return pinned.copy_(tokens).to(self.device, non_blocking=True)
-        return tokens.to(torch.long)
+        return tokens
 
     def stage(self, n: int) -> None:
         """Receive the next `n` batches now and start their copies to the device, so that the next `n`
