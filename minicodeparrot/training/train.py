@@ -142,7 +142,7 @@ def optimizer_step(run: Run) -> dict:
     """
     cfg, dist_info = run.cfg, run.dist_info
     t0 = time.perf_counter()
-    micro = [next(run.batches) for _ in range(cfg.gradient_accumulation_steps)]  # staged: no wait
+    micro = [next(run.batches) for _ in range(cfg.gradient_accumulation_steps)]  # staged last step
     data_wait = time.perf_counter() - t0
     loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler)
     run.scaler.unscale_(run.optimizer)
