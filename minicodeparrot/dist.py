@@ -56,11 +56,13 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup_distributed() -> DistInfo:
+def setup_distributed(timeout: timedelta | None = None) -> DistInfo:
     """Join torchrun's process group; without torchrun, run as one process on the first GPU (or the CPU).
 
     NCCL for GPUs and gloo for CPUs. `device_id` binds the NCCL communicator to this rank's GPU at once,
-    so the first collective does not have to guess it (and warn, or hang when guessing wrong).
+    so the first collective does not have to guess it (and warn, or hang when guessing wrong). `timeout`:
+    how long a collective may wait for the other ranks before it fails (None: torch's default, 10 minutes
+    for NCCL, 30 for gloo).
     """
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -69,6 +71,8 @@ def setup_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     group: dict[str, Any] = {"backend": "nccl" if cuda else "gloo"}
+    if timeout is not None:  # None: torch's own default
+        group["timeout"] = timeout
     if cuda:
         torch.cuda.set_device(device)
         group["device_id"] = device

@@ -5,9 +5,12 @@
 
 builds the same loader the training loop uses (`streams.build_train_loader`, the preset's shuffle
 buffers by default) and consumes it like a GPU that needs `--consumer-tokens-per-s` tokens per second:
-after each batch it sleeps as long as that step would take. It reports the share of wall time spent
-waiting for data and the longest single wait, both after `--warmup-steps` (the first batch waits for
-the shuffle buffers to fill), then the size of the loader's checkpoint state. The last line is
+after each batch it stages the next one, as the loop does before its sync (`Loader.stage`), then sleeps
+until that step would end. A wait is the time the simulated GPU has no batch: getting the staged batch,
+plus staging beyond the step's end. It reports the share of wall time spent waiting for data, the
+longest single wait, both after `--warmup-steps` (the first batch waits for the shuffle buffers to fill),
+the consumer's own CPU time per batch (receiving, converting, the state mirror), then the size of the
+loader's checkpoint state. The last line is
 
     data wait: P% of wall time, max wait M ms after warm-up (N workers, T tokens/s delivered)
 
@@ -48,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record-shuffle-buffer", type=int, default=10_000)
     p.add_argument("--sequence-shuffle-buffer", type=int, default=10_000)
     p.add_argument("--tokenized", action="store_true", help="--dataset holds pretokenized shards")
+    p.add_argument("--no-stage", action="store_true",
+                   help="receive each batch after the simulated GPU step instead of during it (the loop "
+                        "before `Loader.stage`)")
     p.add_argument("--max-rate", action="store_true",
                    help="no simulated GPU: the highest rate with 1, 2 and 4 workers (or --data-workers)")
     return p.parse_args(argv)
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per
     loader = build_train_loader(args.dataset, tokenizer, layout, seq_length=args.seq_length, seed=1,
                                 micro_batch=args.batch_size, tokenized=args.tokenized, num_workers=workers,
                                 prefetch=args.prefetch)
-    waits, tokens = [], 0
+    waits, cpu, tokens = [], [], 0
     with loader:
         t_start = time.perf_counter()
         for _ in range(args.warmup_steps):
@@ -75,16 +81,25 @@ def run(args: argparse.Namespace, tokenizer: Tokenizer, workers: int, tokens_per
         warmup_s = time.perf_counter() - t_start
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            t = time.perf_counter()
-            batch = next(loader)
-            waits.append(time.perf_counter() - t)
+            t, c = time.perf_counter(), time.thread_time()
+            batch = next(loader)  # staged during the previous step, unless --no-stage
+            gpu_done = time.perf_counter() + step_s  # the simulated GPU starts on this batch now
+            wait = gpu_done - step_s - t
+            if not args.no_stage:
+                loader.stage(1)  # as the training loop does before its one sync: during the GPU step
+                wait += max(0.0, time.perf_counter() - gpu_done)  # only the part the GPU waits for
+            # CPU time is what receiving costs the consumer itself; the wait also holds time spent blocked
+            # on a worker and time the consumer's vCPU was busy with someone else (a shared 2-core box).
+            cpu.append(time.thread_time() - c)
+            waits.append(wait)
             tokens += batch.numel()
             if step_s:
-                time.sleep(step_s)  # the GPU step; the workers keep producing meanwhile
+                time.sleep(max(0.0, gpu_done - time.perf_counter()))  # the sync: the workers keep producing
         wall = time.perf_counter() - t0
         state_mb = state_megabytes(loader)
     return {"workers": workers, "wait_share": sum(waits) / wall, "max_wait_ms": 1000 * max(waits),
             "median_wait_ms": 1000 * sorted(waits)[len(waits) // 2],
+            "cpu_mean_ms": 1000 * sum(cpu) / len(cpu), "cpu_median_ms": 1000 * sorted(cpu)[len(cpu) // 2],
             "tokens_per_s": tokens / wall, "warmup_s": warmup_s, "state_mb": state_mb}
 
 
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"warm-up: {args.warmup_steps} batches in {r['warmup_s']:.1f} s; load average "
           f"{os.getloadavg()[0]:.1f}; median wait {r['median_wait_ms']:.2f} ms; data state "
           f"{r['state_mb']:.2f} MB per rank (torch.save)")
+    print(f"consumer CPU per batch received: mean {r['cpu_mean_ms']:.3f} ms, median "
+          f"{r['cpu_median_ms']:.3f} ms")
     print(f"data wait: {100 * r['wait_share']:.1f}% of wall time, max wait {r['max_wait_ms']:.0f} ms after "
           f"warm-up ({r['workers']} workers, {r['tokens_per_s']:,.0f} tokens/s delivered)")
 

@@ -14,6 +14,16 @@ Sending the whole state with every batch would mean 20 MB of sequence buffer per
 the buffer's slot writes instead, and the consumer keeps an exact mirror of each worker's state
 (`data.PipelineMirror`, a few kB per batch).
 
+Receiving must cost the training process next to nothing: at 40 steps/s, 0.4 ms per batch is 2% of a
+GPU's time. So the bytes do not go through the pipe: each worker has a ring of `prefetch` shared-memory
+slots, and a message's arrays (the batch, the new buffer blocks, the shuffle RNG's state) are written
+into the next slot (pickle protocol 5 hands them over out of band). The pipe carries only the rest, a few
+hundred bytes, and its end-of-file still tells the consumer that a worker died. A worker writes a slot
+only after taking a credit, which the consumer gives back once it has copied the slot out, so both walk
+the ring in the same order and never touch the same slot at once. The training loop also calls
+`stage(n)` before it waits for the GPU, so the next step's batches are received (and on their way to the
+device) while the GPU still works.
+
 Workers are started with `spawn` (a fresh interpreter: nothing of the trainer's CUDA, threads or signal
 handlers is inherited), run in a session of their own (so the signals that torchrun and Ctrl-C send to the
 trainer's process group reach the trainer only, which finishes its step and checkpoints), reset SIGTERM to
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import itertools
 import os
 import pickle
 import signal
@@ -34,6 +45,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -50,6 +62,23 @@ STATE_VERSION = 1
 _PR_SET_PDEATHSIG = 1
 _F_SETPIPE_SZ = 1031
 _PIPE_BYTES = 1 << 20  # Linux's default limit for unprivileged processes: ~15 batches of 12 x 1024
+_ALIGN = 64  # each array in a slot starts on a cache line
+
+
+def _slot_bytes(batch_size: int, seq_length: int, streams: int = 1) -> int:
+    # The int64 batch and as many new sequence-buffer blocks (once the buffer is full, one block enters
+    # per block that leaves; int32 at most), and 4 kB for the buffer's RNG state and alignment. Only the
+    # first batch after a (re)start is bigger (it carries the whole filling buffer): it takes the pipe.
+    return batch_size * seq_length * (8 + 4) + 4096 * streams
+
+
+def _layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of arrays of `sizes` bytes laid out back to back on _ALIGN boundaries, and the end."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end += -(-n // _ALIGN) * _ALIGN
+    return offsets, end
 
 
 def _describe(e: BaseException) -> str:
@@ -86,24 +115,40 @@ def _detach_from_trainer(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _post(conn, credits, slot: np.ndarray, message: tuple) -> None:
+    """Send `message`: its arrays into `slot` when they fit (else everything through the pipe)."""
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    sizes = [r.nbytes for r in raws]
+    offsets, end = _layout(sizes)
+    credits.acquire()  # at most `prefetch` messages wait for the consumer; this slot is free again
+    if end <= len(slot):
+        for offset, raw in zip(offsets, raws, strict=True):
+            slot[offset:offset + raw.nbytes] = np.frombuffer(raw, dtype=np.uint8)
+        conn.send_bytes(pickle.dumps((head, sizes)))
+    else:
+        conn.send_bytes(pickle.dumps((pickle.dumps(message, protocol=5), None)))
+
+
 def _worker_main(index: int, make: Callable[..., Pipeline], state: dict | None, batch_size: int, conn,
-                 credits, parent_pid: int) -> None:
+                 credits, ring: torch.Tensor, parent_pid: int) -> None:
     _detach_from_trainer(parent_pid)
+    slots = itertools.cycle(ring.numpy())  # the consumer walks the same ring in the same order
     try:
         pipeline = make(worker=index)
         if state is not None:
             pipeline.load_state_dict(state)
         pipeline.start_journal()
         for batch in pipeline.units(batch_size):
-            message = pickle.dumps(("batch", batch, pipeline.delta()), protocol=5)
-            credits.acquire()  # at most `prefetch` batches wait for the consumer
-            conn.send_bytes(message)
-        conn.send_bytes(pickle.dumps(("end", pipeline.stats())))
+            # Converted to int64 (what the model's embedding takes) here, off the trainer's critical path.
+            _post(conn, credits, next(slots), ("batch", batch.astype(np.int64), pipeline.delta()))
+        _post(conn, credits, next(slots), ("end", pipeline.stats()))
     except (BrokenPipeError, KeyboardInterrupt):
         pass  # the consumer closed the loader
     except BaseException as e:  # noqa: BLE001 -- every failure must reach the consumer as one line
         try:
-            conn.send_bytes(pickle.dumps(("error", _describe(e))))
+            _post(conn, credits, next(slots), ("error", _describe(e)))
         except OSError:
             pass
     finally:
@@ -129,22 +174,27 @@ class Loader:
     `make(worker=w)` builds worker w's pipeline. Endless for training (`endless=True`); otherwise every
     worker's share is read once and iteration ends (a new `iter()` reads it again). A context manager:
     `close()` stops the workers (also done when the loader is garbage collected or the process exits).
+    `stage(n)` receives the next n batches ahead (see there).
     """
 
     def __init__(self, make: Callable[..., Pipeline], *, batch_size: int, num_workers: int, prefetch: int,
                  device: torch.device | str | None, endless: bool, seq_length: int, sequence_buffer: int,
-                 rank: int, world_size: int, mirror: Callable[..., Any] = PipelineMirror):
+                 rank: int, world_size: int, mirror: Callable[..., Any] = PipelineMirror,
+                 streams_per_unit: int = 1):
         if batch_size < 1 or num_workers < 0 or prefetch < 1:
             raise UserError("batch size and prefetch must be at least 1, and data workers at least 0")
         self.make, self.batch_size, self.num_workers, self.prefetch = make, batch_size, num_workers, prefetch
         self.device = torch.device(device or "cpu")
         self.endless, self.seq_length, self.sequence_buffer = endless, seq_length, sequence_buffer
         self.rank, self.world_size, self.mirror = rank, world_size, mirror
+        self.streams_per_unit = streams_per_unit  # each stream's state change adds its RNG state to a slot
         self.shares = max(1, num_workers)
         self.stats: dict[str, int] = {}
         self._start_states: list[dict | None] = [None] * self.shares
         self._start_next = 0
         self._running = False
+        self._staged: deque[tuple[int, torch.Tensor, dict]] = deque()  # (worker, batch, its state change)
+        self._failure: UserError | None = None  # met while staging, raised when a batch is missing
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -155,7 +205,10 @@ class Loader:
         elif self.num_workers == 0:
             pipelines, nxt = [self._pipeline.state_dict()], 0
         else:
-            pipelines, nxt = [m.state_dict() for m in self._mirrors], self._active[self._turn]
+            # Staged batches are not taken yet: the mirrors do not hold their changes, and the first one's
+            # worker is the one whose turn it is.
+            nxt = self._staged[0][0] if self._staged else self._active[self._turn]
+            pipelines = [m.state_dict() for m in self._mirrors]
         return {"version": STATE_VERSION, "world_size": self.world_size, "rank": self.rank,
                 "shares": self.shares, "next": nxt, "pipelines": pipelines}
 
@@ -173,6 +226,7 @@ class Loader:
                             f"has {self.num_workers}; each worker reads its own share of the files, so "
                             f"resume with --data-workers {saved}")
         self.close()
+        self._failure = None
         self._start_states, self._start_next = list(state["pipelines"]), state["next"]
 
     # -- workers -----------------------------------------------------------------------------------
@@ -185,7 +239,7 @@ class Loader:
             self._batches = self._pipeline.units(self.batch_size)
             return
         ctx = mp.get_context("spawn")
-        self._procs, self._conns, self._credits, self._mirrors = [], [], [], []
+        self._procs, self._conns, self._credits, self._mirrors, self._slots = [], [], [], [], []
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
         for w in range(self.num_workers):
             reader, writer = ctx.Pipe(duplex=False)
@@ -194,14 +248,19 @@ class Loader:
             except OSError:
                 pass
             credits = ctx.Semaphore(self.prefetch)
+            # torch's shared memory goes to the spawned worker as a file descriptor and has no name in
+            # /dev/shm, so nothing is left behind when the run is killed with -9.
+            slot = _slot_bytes(self.batch_size, self.seq_length, self.streams_per_unit)
+            ring = torch.empty((self.prefetch, slot), dtype=torch.uint8).share_memory_()
             proc = ctx.Process(target=_worker_main, name=f"data-worker-{self.rank}-{w}", daemon=True,
                                args=(w, self.make, self._start_states[w], self.batch_size, writer, credits,
-                                     os.getpid()))
+                                     ring, os.getpid()))
             proc.start()
             writer.close()  # only the worker writes: its death then reads as end-of-file here
             self._procs.append(proc)
             self._conns.append(reader)
             self._credits.append(credits)
+            self._slots.append(itertools.cycle(ring.numpy()))
             self._mirrors.append(self.mirror(self._start_states[w], self.sequence_buffer, self.seq_length))
         self._active = list(range(self.num_workers))  # workers whose share is not exhausted
         self._turn = self._start_next  # index into _active of the worker whose batch comes next
@@ -221,28 +280,28 @@ class Loader:
                          "go on without its data: fix the cause, then --resume-from-checkpoint latest")
 
     def _receive(self, w: int) -> tuple:
+        """Worker w's next message, its arrays copied out of their slot, which goes back to the worker."""
         # No polling needed: only the worker holds the pipe's write end, so its death, even half-way
         # through a message, reads as end-of-file here.
         try:
-            message = pickle.loads(self._conns[w].recv_bytes())
+            head, sizes = pickle.loads(self._conns[w].recv_bytes())
         except (EOFError, OSError):
             raise self._died(w) from None
+        slot = next(self._slots[w])
+        if sizes is None:
+            message = pickle.loads(head)
+        else:
+            offsets, _ = _layout(sizes)
+            arrays = [slot[o:o + n].copy() for o, n in zip(offsets, sizes, strict=True)]
+            message = pickle.loads(head, buffers=arrays)
         self._credits[w].release()
         if message[0] == "error":
             self.close()
             raise UserError(f"data worker {w} of rank {self.rank} failed: {message[1]}")
         return message
 
-    def _next_array(self) -> np.ndarray:
-        if not self._running:
-            self._start()
-        if self.num_workers == 0:
-            try:
-                return next(self._batches)
-            except StopIteration:
-                self.stats = self._pipeline.stats()
-                self._running = False
-                raise
+    def _next_from_workers(self) -> tuple[int, torch.Tensor, dict]:
+        """(worker, batch on the device, the worker's state change) of the next batch, in turn order."""
         while self._active:
             w = self._active[self._turn]
             message = self._receive(w)
@@ -251,21 +310,62 @@ class Loader:
                     self.stats[k] = self.stats.get(k, 0) + v
                 del self._active[self._turn]  # the turn passes to the next worker
             else:
-                _, batch, delta = message
-                self._mirrors[w].apply(delta)
                 self._turn += 1
             if self._active:
                 self._turn %= len(self._active)
             if message[0] == "batch":
-                return batch
+                return w, self._to_device(message[1]), message[2]
         self.close()
         raise StopIteration
 
-    def __next__(self) -> torch.Tensor:
-        batch = torch.from_numpy(self._next_array()).long()
+    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
+        tokens = torch.from_numpy(batch).to(torch.long)  # workers send int64; the in-process pipeline uint16
         if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
+            # Through page-locked memory, from where the copy to the GPU runs asynchronously (from ordinary
+            # memory it would make the host wait). torch's caching host allocator does not hand that memory
+            # out again before the copy has finished.
+            pinned = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
+            return pinned.copy_(tokens).to(self.device, non_blocking=True)
+        return tokens
+
+    def stage(self, n: int) -> None:
+        """Receive the next `n` batches now and start their copies to the device, so that the next `n`
+        `next()` calls return at once. The training loop calls this before it waits for the GPU: then
+        receiving overlaps the GPU's work instead of following it. `state_dict()` still describes the
+        batches returned by `next()`, not those staged, so a checkpoint taken in between is exact.
+
+        A failure while staging is raised by the `next()` that finds no staged batch left, so the step in
+        progress still completes. Only an endless loader with workers stages; otherwise this does nothing
+        (an in-process pipeline's state cannot be taken back to before the staged batches).
+        """
+        if not self.endless or self.num_workers == 0 or self._failure is not None:
+            return
+        if not self._running:
+            self._start()
+        try:
+            while len(self._staged) < n:
+                self._staged.append(self._next_from_workers())
+        except UserError as e:
+            self._failure = e
+
+    def __next__(self) -> torch.Tensor:
+        if self._failure is not None and not self._staged:
+            failure, self._failure = self._failure, None
+            raise failure
+        if not self._running:
+            self._start()
+        if self.num_workers == 0:
+            try:
+                return self._to_device(next(self._batches))
+            except StopIteration:
+                self.stats = self._pipeline.stats()
+                self._running = False
+                raise
+        if not self._staged:
+            self._staged.append(self._next_from_workers())
+        w, batch, delta = self._staged.popleft()
+        self._mirrors[w].apply(delta)
+        return batch
 
     def __iter__(self) -> Loader:
         if not self.endless and not self._running:
@@ -280,6 +380,7 @@ class Loader:
             self._start_states, self._start_next = state["pipelines"], state["next"]
         if self._running and self.num_workers > 0:
             self._finalizer()
+        self._staged.clear()  # their workers will make them again, from the state above
         self._running = False
 
     def __enter__(self) -> Loader:

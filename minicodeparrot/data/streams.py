@@ -204,33 +204,37 @@ class TrainLoader:
         self.worker_streams = [self.streams[w::max(1, workers)] for w in range(max(1, workers))]
         make = partial(_make_group, make_stream=make_stream, worker_streams=self.worker_streams,
                        blocks_per_stream=layout.blocks_per_stream)
-        self.inner = Loader(make, batch_size=micro_batch, num_workers=workers, prefetch=prefetch,
-                            device=device, endless=True, seq_length=seq_length,
+        widest = len(self.worker_streams[0])  # a worker's unit: its streams' blocks of one step
+        self.inner = Loader(make, batch_size=widest * layout.blocks_per_stream, num_workers=workers,
+                            prefetch=prefetch, device=device, endless=True, seq_length=seq_length,
                             sequence_buffer=layout.sequence_buffer, rank=rank, world_size=world_size,
-                            mirror=GroupMirror)
+                            mirror=GroupMirror, streams_per_unit=widest)
         self.device = self.inner.device
-        self._pending: list[np.ndarray] = []
+        self._pending: list[torch.Tensor] = []
         self.stats = self.inner.stats
 
-    def _next_step_rows(self) -> np.ndarray:
-        """One step's rows of this rank in stream order, whichever workers computed them."""
+    def _next_step_rows(self) -> torch.Tensor:
+        """One step's rows of this rank in stream order, whichever workers computed them (on the device)."""
         pieces = {}
+        m = self.layout.blocks_per_stream
         for group in self.worker_streams:  # the inner loader hands out one unit per worker, in turn
-            unit = self.inner._next_array()
-            m = self.layout.blocks_per_stream
+            unit = next(self.inner)
             for i, s in enumerate(group):
                 pieces[s] = unit[i * m:(i + 1) * m]
-        return np.concatenate([pieces[s] for s in self.streams])
+        return torch.cat([pieces[s] for s in self.streams])
 
     def __next__(self) -> torch.Tensor:
         if not self._pending:
             rows = self._next_step_rows()
             b = self.micro_batch
             self._pending = [rows[i * b:(i + 1) * b] for i in range(self.k)]
-        batch = torch.from_numpy(self._pending.pop(0)).long()
-        if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
+        return self._pending.pop(0)
+
+    def stage(self, k: int) -> None:
+        """Receive the next step's units now and start their copies to the device (see Loader.stage);
+        the training loop calls it before its one wait for the GPU. `k`, the loop's micro-batches per
+        step, is this loader's own `self.k`; a step is one unit from each worker."""
+        self.inner.stage(len(self.worker_streams))
 
     def __iter__(self) -> TrainLoader:
         return self

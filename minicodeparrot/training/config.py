@@ -90,6 +90,10 @@ class TrainConfig:
     compile: bool = _setting(False, "torch.compile the model (after DDP wrapping)")
     seed: int = _setting(1, "seed of the weights, the data order and dropout")
     max_bad_steps: int = _setting(0, "skip up to N steps with a non-finite loss before stopping")
+    dist_timeout: float = _setting(
+        30.0, "minutes a rank waits in a collective for the others before the run fails. NCCL's default, 10, "
+              "can pass while rank 0 writes a gpt2-xl checkpoint (~25 GB) to a slow shared filesystem and "
+              "the other ranks wait at its barrier; a hung run is reported after this long")
     # --- evaluation, checkpoints, logs ---
     valid_batch_size: int = _setting(8, "sequences per GPU in evaluation")
     max_eval_steps: int = _setting(-1, "validation batches per rank (-1: all)")
@@ -217,6 +221,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--data-workers must be >= 0, got {cfg.data_workers}")
     if not cfg.learning_rate > 0:
         raise UserError(f"--learning-rate must be positive, got {cfg.learning_rate}")
+    if not cfg.dist_timeout > 0:
+        raise UserError(f"--dist-timeout must be a positive number of minutes, got {cfg.dist_timeout}")
     if not cfg.max_grad_norm > 0:
         raise UserError(f"--max-grad-norm must be positive, got {cfg.max_grad_norm}")
     if cfg.num_train_epochs is not None and cfg.num_train_epochs < 1:

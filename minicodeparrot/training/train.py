@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ def train(args: argparse.Namespace | TrainConfig) -> dict:
         raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if cfg.data_workers is None:  # a GPU must never wait for tokenizing; a laptop has few cores to spare
         cfg.data_workers = 2 if torch.cuda.is_available() else 0
-    dist_info = setup_distributed()
+    dist_info = setup_distributed(timeout=timedelta(minutes=cfg.dist_timeout))
     run = None
     try:
         run = set_up(cfg, dist_info, notes, warmup_typed="num_warmup_steps" in given)
@@ -154,27 +155,33 @@ def optimizer_step(run: Run) -> dict:
 
     The one host-device synchronisation of the step is the `.tolist()` below: the loss, the stop flag and
     the grad norm travel in one tensor. Deciding whether to skip the update needs the loss on the host, so
-    this wait cannot move later; everything else stays queued on the device.
+    this wait cannot move later; everything else stays queued on the device. Just before it, the next
+    step's batches are received (`stage`), so that work overlaps the GPU's instead of following it.
+    `data_wait_s` is the host's time getting batches, staging included (on a GPU mostly overlapped).
     """
     cfg, dist_info = run.cfg, run.dist_info
     t0 = time.perf_counter()
-    micro, data_wait = [], 0.0
-    for _ in range(cfg.gradient_accumulation_steps):
-        t = time.perf_counter()
-        micro.append(next(run.batches))
-        data_wait += time.perf_counter() - t
+    micro = [next(run.batches) for _ in range(cfg.gradient_accumulation_steps)]  # staged last step
+    data_wait = time.perf_counter() - t0
     loss = accumulate_gradients(run.model, micro, run.autocast, run.scaler, run.sequence_weights)
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.max_grad_norm)
     # The loss differs per rank (each saw its own batches) and so may the stop flag: both are summed over
     # ranks. The grad norm needs no collective: DDP already made the gradients equal on every rank. It only
-    # joins the summed pair so that all three reach the host in one wait.
+    # joins the summed values so that all of them reach the host in one wait.
     # The batch hash is summed too: each rank hashed its own sequences. float64 carries the sums exactly
     # (a hash sum stays below 2**53).
-    flag = torch.tensor(float(run.stop.requested), device=dist_info.device)
+    # fill_ hands the number to the device as a kernel argument: nothing is read from host memory, so the
+    # host waits for nothing. torch.tensor(x, device="cuda") copies from pageable host memory, which makes
+    # the host wait until the GPU has drained its queue: a second, hidden sync every step.
+    run.stop_flag.fill_(float(run.stop.requested))
     hashes = sum(batch_hashes(batch, run.hash_weights) for batch in micro)
-    summed = all_reduce_sum(torch.stack([loss.double(), flag.double(), hashes.double()]))
-    loss_mean, stop, batch_hash, norm = torch.cat([summed, grad_norm.double().view(1)]).tolist()
+    summed = all_reduce_sum(torch.stack([loss.double(), run.stop_flag.double(), hashes.double()]))
+    summary = torch.cat([summed, grad_norm.double().view(1)])
+    t = time.perf_counter()
+    run.train_data.stage(cfg.gradient_accumulation_steps)  # a checkpoint still excludes staged batches
+    data_wait += time.perf_counter() - t
+    loss_mean, stop, batch_hash, norm = summary.tolist()
     loss_mean /= dist_info.world_size
     # get_last_lr() before scheduler.step(): the LR this update used. Step 1's is 0, since warmup starts at
     # factor 0/warmup; transformers' get_cosine_schedule_with_warmup does the same (the book's runs too).
@@ -345,6 +352,7 @@ class Run:
     batches: Iterator[torch.Tensor]  # the loader's iterator, the one the steps draw from
     metrics: MetricsLog
     stop: StopRequest
+    stop_flag: torch.Tensor  # on the device, refilled each step (see optimizer_step)
     flops_per_token: float
     peak_flops: float | None
     layout: DataLayout  # how the data is divided into streams; fixed for the whole run (data/streams.py)
@@ -399,6 +407,7 @@ def set_up(cfg: TrainConfig, dist_info: DistInfo, notes: list[str] = (), warmup_
                                                enabled=amp_dtype is not None),
         train_data=train_data, batches=first_batch_logged(iter(train_data)),
         metrics=MetricsLog(cfg, dist_info, step), stop=StopRequest(),
+        stop_flag=torch.zeros((), device=dist_info.device),
         flops_per_token=raw_model.estimate_flops_per_token(cfg.seq_length),
         peak_flops=peak_flops(dist_info.device), layout=layout,
         hash_weights=batch_hash_weights(cfg.seq_length, dist_info.device), step=step,

@@ -61,6 +61,17 @@ def children_alive(pids: list[int]) -> list[int]:
     return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
+def test_a_worker_dying_while_staging_fails_the_next_batch(corpus, tok):
+    loader = build_train_loader(corpus / "train", tok, num_workers=2, prefetch=2, **TRAIN)
+    take(loader, 2)  # one step
+    pid = loader.inner._procs[0].pid
+    os.kill(pid, signal.SIGKILL)
+    loader.stage(2)  # the step in progress goes on: the error waits for the batch that cannot come
+    with pytest.raises(UserError, match=rf"data worker 0 \(pid {pid}\) of rank 0 was killed by SIGKILL"):
+        take(loader, 50)
+    assert children_alive([p.pid for p in loader.inner._procs]) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_worker_ends_the_consumer_in_one_line(corpus, tok, sig):
     old = signal.signal(signal.SIGTERM, lambda *a: None)  # a trainer's handler: workers must not inherit it

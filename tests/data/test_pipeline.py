@@ -13,6 +13,7 @@ from minicodeparrot.data.packing import ConstantLengthDataset
 from minicodeparrot.data.pipeline import (
     PipelineMirror,
     build_valid_data,
+    rng_words,
     validation_sources,
 )
 from minicodeparrot.data.pretokenize import pretokenize
@@ -74,7 +75,7 @@ def test_journal_lets_a_mirror_follow_the_buffer():
             buf.push(np.array([rng.randrange(1000) for _ in range(4)], dtype=np.uint16))
         writes = buf.take_journal()
         mirror.apply({"source": {"step": step}, "kept": [], "slots": [s for s, _ in writes],
-                      "blocks": np.stack([b for _, b in writes]), "rng": buf.rng.getstate()})
+                      "blocks": np.stack([b for _, b in writes]), "rng": rng_words(buf.rng)})
     state = mirror.state_dict()
     assert np.array_equal(state["sequences"]["items"].numpy(), np.stack(buf.items))
     assert state["sequences"]["rng"] == buf.rng.getstate() and state["source"] == {"step": 29}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,11 @@ def test_resume_with_any_worker_count_is_bitwise(corpus, tok, workers):
     assert len({tuple(b.flatten().tolist()) for b in full}) == 12  # a real stream, not one batch
     with build_train_loader(corpus, tok, LAYOUT, micro_batch=4, num_workers=3, **KW) as loader:
         head = [b.clone() for b in itertools.islice(loader, 6)]
+        loader.stage(2)  # as the training loop does before it checkpoints
+        time.sleep(0.5)  # let the workers run ahead: the state must still be the one after step 3
         state = checkpointed(loader.state_dict())
+        staged = [b.clone() for b in itertools.islice(loader, 4)]  # the staged step, then one as usual
+    assert all(torch.equal(a, b) for a, b in zip(full[6:10], staged, strict=True))
     with build_train_loader(corpus, tok, LAYOUT, micro_batch=4, num_workers=workers, **KW) as resumed:
         resumed.load_state_dict(state)
         tail = [b.clone() for b in itertools.islice(resumed, 6)]

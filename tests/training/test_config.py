@@ -57,6 +57,7 @@ def test_boolean_flags_can_be_turned_off_against_a_preset():
     ("--train-batch-size", "0", "--train-batch-size must be at least 1"),
     ("--weight-decay", "-1", "--weight-decay must be >= 0"),
     ("--max-eval-steps", "0", "--max-eval-steps must be -1"),
+    ("--dist-timeout", "0", "--dist-timeout must be a positive number of minutes"),
 ])
 def test_impossible_values_are_one_line_errors(flag, value, message):
     args = build_parser().parse_args([*BASE, flag, value])

@@ -236,6 +236,34 @@ def test_ddp_gradients_equal_one_process_with_the_same_global_batch(tmp_path):
     assert res["eval"] == pytest.approx(ref_eval, rel=1e-6)
 
 
+def _lonely_barrier_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    from datetime import timedelta
+
+    from minicodeparrot.dist import barrier, setup_distributed
+
+    setup_distributed(timeout=timedelta(seconds=2))
+    if rank == 0:
+        t = time.time()
+        try:
+            barrier()
+        except RuntimeError as e:
+            Path(out).write_text(f"{time.time() - t} {e}")
+    else:  # never joins the barrier; stays alive (a hung rank, not a dead one) until rank 0 has given up
+        deadline = time.time() + 120
+        while not Path(out).exists() and time.time() < deadline:
+            time.sleep(0.1)
+    os._exit(0)  # no teardown: the group is broken on purpose
+
+
+def test_dist_timeout_ends_a_collective_that_waits_too_long(tmp_path):
+    """--dist-timeout reaches the process group: a collective a rank never joins fails after it."""
+    out = tmp_path / "waited.txt"
+    mp.spawn(_lonely_barrier_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    waited = float(out.read_text().split()[0])
+    assert 1.5 < waited < 60, out.read_text()  # torch's default would wait 30 minutes
+
+
 def _compiled_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -555,16 +583,22 @@ def test_non_finite_loss_stops_naming_the_step_and_a_skipped_step_leaves_no_trac
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
 
 
-def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch):
-    """Count the calls in training/train.py that make the host wait for the device (.item, int(t), ...)."""
+@pytest.mark.parametrize("extra", [(), pytest.param(("--data-workers", "2"), marks=pytest.mark.slow),
+                                   pytest.param(("--compile",), marks=pytest.mark.slow)],
+                         ids=["eager", "data-workers", "compile"])
+def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch, extra):
+    """Count the calls that make the host wait for the device (.item, int(t), ...) in training/train.py and,
+    on the consumer's side of the data workers, in data/loader.py."""
     from minicodeparrot.cli import build_parser
+    from minicodeparrot.data import loader
 
+    files = {T.__file__, loader.__file__}
     counts = {"n": 0}
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"):
         real = getattr(torch.Tensor, name)
 
         def counting(self, *a, _real=real, **k):
-            if sys._getframe(1).f_code.co_filename == T.__file__:
+            if sys._getframe(1).f_code.co_filename in files:
                 counts["n"] += 1
             return _real(self, *a, **k)
 
@@ -573,7 +607,7 @@ def test_one_host_device_sync_per_optimizer_step(work, tmp_path, monkeypatch):
     def run(steps: int) -> int:
         counts["n"] = 0
         argv = _args(work, tmp_path / f"s{steps}", "--max-train-steps", str(steps),
-                     "--gradient-accumulation-steps", "2", "--save-checkpoint-steps", "1000")
+                     "--gradient-accumulation-steps", "2", "--save-checkpoint-steps", "1000", *extra)
         T.train(build_parser().parse_args(["train", *argv]))
         return counts["n"]
 
