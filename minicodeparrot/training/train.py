@@ -614,8 +614,6 @@ def save(run: Run) -> None:
 def train(args: argparse.Namespace) -> dict:
     """Run training; returns the final metrics (identical on all ranks)."""
     args = resolve_args(args)
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     dist_info = setup_distributed()
     run = None
     try:

@@ -11,6 +11,7 @@ from minicodeparrot.model.generate import (
     complete_code,
     first_block,
     generate,
+    generate_continuations,
     generate_texts,
     top_k_filter,
     top_p_filter,
@@ -214,3 +215,36 @@ def test_cli_generate_examples_and_prompt(tmp_path, gpt2_dir, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"])
     assert e.value.code == 2
+
+
+def test_generation_waits_for_the_device_once_per_token(pair, monkeypatch):
+    """Count what makes the host wait for a GPU (a value read back: .tolist(), .item(), bool(t), ...,
+    nonzero's data-dependent shape), called from the model package, while sampling with a row leaving the
+    batch and stop strings: at most one per generated token (on a CPU the calls are the same ones)."""
+    import sys
+    from pathlib import Path
+
+    import minicodeparrot.model as model_package
+
+    package = str(Path(model_package.__file__).parent)
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy",
+                 "nonzero", "any", "all"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                counts["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    model, _ = pair
+    x, free, k, eos = _prompts_with_a_row_ending_early(model)
+    counts["n"] = 0
+    out = generate_continuations(model, x, 30, eos_token_id=eos)
+    assert [len(c) for c in out] == [30, k + 1, 30]  # row 1 left the batch early: the reorder path ran
+    assert counts["n"] == 30  # one read per generated token
+    counts["n"] = 0
+    texts = generate_texts(model, CharTokenizer(), ["def f(x):"], 20, do_sample=True, seed=3,
+                           num_return_sequences=3, stop_strings=STOP_STRINGS, eos_token_id=0)
+    assert len(texts[0]) == 3 and 1 <= counts["n"] <= 20
