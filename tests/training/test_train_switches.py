@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ENV, _args, _kill_tree, _metrics, work  # noqa: F401 -- `work` is a fixture
+from test_train import ENV, _args, _kill_tree, _metrics
+from test_train import work as _work  # noqa: F401 -- the corpus fixture, used as `work`
 
 from minicodeparrot.training import train as T
 
@@ -106,7 +107,8 @@ def test_fp16_grad_scaler_skips_an_inf_step_shrinks_the_scale_and_resumes_exactl
 
     real_step = torch.optim.AdamW.step
     monkeypatch.setattr(T, "accumulate_gradients", overflowing)
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (updates.append(1), real_step(self))[1])
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (updates.append(1), real_step(self))[1])
 
     def run(out: Path, steps: int, *extra: str) -> dict:
         argv = _args(work, out, "--max-train-steps", str(steps), "--save-checkpoint-steps", "2",
@@ -115,8 +117,8 @@ def test_fp16_grad_scaler_skips_an_inf_step_shrinks_the_scale_and_resumes_exactl
 
     run(tmp_path / "full", 4)
     assert len(calls) == 4 and len(updates) == 3  # step 2's update skipped by the scaler
-    scalers = {s: torch.load(tmp_path / "full" / f"step_{s}" / "trainer_state.pt", weights_only=True)["scaler"]
-               for s in (2, 4)}
+    scalers = {s: torch.load(tmp_path / "full" / f"step_{s}" / "trainer_state.pt",
+                             weights_only=True)["scaler"] for s in (2, 4)}
     init_scale = torch.amp.GradScaler("cpu").get_scale()
     assert scalers[2]["scale"] == init_scale / 2 and scalers[4]["scale"] == init_scale / 2
     assert scalers[4]["_growth_tracker"] == 2  # two good steps since the overflow
