@@ -1,6 +1,6 @@
 """The fused loss's chunk size, measured: time and peak memory of one forward + backward of `lm_head_loss`.
 
-    python scripts/bench_loss_chunk.py                   # CPU, codeparrot-small's head at batch 2 x 1024
+    python scripts/bench_loss_chunk.py --calls 1         # CPU, codeparrot-small's head at 1 x 1024 tokens
     python scripts/bench_loss_chunk.py --device cuda     # batch 12 x 1024 under bf16 autocast (gpu_check too)
 
 `model/gpt.py` cuts the [tokens, vocab] logits into chunks of LOSS_CHUNK_ELEMENTS // vocab rows. Small chunks
@@ -91,14 +91,15 @@ def measure(device: torch.device, tokens: int, n_embd: int, vocab: int, bf16: bo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tokens", type=int, help="tokens per call (default: 2 x 1024 on CPU, 12 x 1024 on GPU)")
+    ap.add_argument("--tokens", type=int, help="tokens per call (default: 1024 on CPU, 12 x 1024 on GPU)")
     ap.add_argument("--n-embd", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--calls", type=int, default=3, help="forward+backward calls per timing (default 3)")
     ap.add_argument("--out", help="also write the rows as JSON here")
     args = ap.parse_args()
     device = torch.device(args.device)
-    tokens = args.tokens or (12 * 1024 if device.type == "cuda" else 2 * 1024)
-    rows = measure(device, tokens, args.n_embd, args.vocab, device.type == "cuda", SIZES)
+    tokens = args.tokens or (12 * 1024 if device.type == "cuda" else 1024)
+    rows = measure(device, tokens, args.n_embd, args.vocab, device.type == "cuda", SIZES, calls=args.calls)
     print(f"lm_head_loss forward+backward, {tokens} tokens x {args.n_embd}, vocab {args.vocab}, {device}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; median of 3 interleaved repeats")
     print("| LOSS_CHUNK_ELEMENTS | tokens per chunk | ms (median) | ms (min-max) | peak growth MiB |")
