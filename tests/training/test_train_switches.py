@@ -29,12 +29,12 @@ SWITCHES = {
     "compile": ("--compile",),
     "all three": ("--mixed-precision", "bf16", "--gradient-checkpointing", "--compile"),
 }
-# Largest |loss - fp32 eager loss| over the 6 steps. Activation checkpointing recomputes the same ops with
-# the same dropout masks (non-reentrant checkpointing restores the RNG): equal up to fp32 summation order.
-# bf16 rounds every matmul input to 8 significant bits. Inductor fuses and reorders fp32 arithmetic, and
-# draws dropout masks from its own Philox stream rather than eager's generator, so the masks differ; with
-# dropout 0.1 on a 2-layer model that moves a 5.7-nat loss by a few hundredths.
-TOLERANCE = {"bf16": 0.05, "checkpointing": 1e-5, "compile": 0.1, "all three": 0.15}
+# Largest |loss - fp32 eager loss| over the 6 steps (measured: bf16 8e-5, checkpointing 0, compile and all
+# three 0.014). Activation checkpointing recomputes the same ops with the same dropout masks (non-reentrant
+# checkpointing restores the RNG): bitwise equal. bf16 rounds every matmul input to 8 significant bits.
+# Inductor fuses and reorders fp32 arithmetic and draws dropout masks from its own Philox stream rather than
+# eager's generator, so its masks differ: with dropout 0.1 that moves a 5.7-nat loss by a few hundredths.
+TOLERANCE = {"bf16": 1e-3, "checkpointing": 0.0, "compile": 0.05, "all three": 0.05}
 STEPS, EVERY = 6, 3
 COMMON = ("--max-train-steps", str(STEPS), "--save-checkpoint-steps", str(EVERY), "--max-eval-steps", "1")
 TRAIN = [sys.executable, "-m", "minicodeparrot", "train"]
@@ -77,7 +77,6 @@ def test_switch_matches_fp32_eager_and_resumes_bitwise(work, fp32_eager, tmp_pat
     losses = _train(work, tmp_path / "full", *SWITCHES[name])
     assert sorted(losses) == list(range(1, STEPS + 1))
     diffs = [abs(losses[s] - fp32_eager[s]) for s in losses]
-    print("DIFFS", name, diffs)
     assert max(diffs) <= TOLERANCE[name], diffs
     if name != "checkpointing":
         assert max(diffs) > 0  # the switch really changed the arithmetic
