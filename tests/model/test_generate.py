@@ -248,3 +248,26 @@ def test_generation_waits_for_the_device_once_per_token(pair, monkeypatch):
     texts = generate_texts(model, CharTokenizer(), ["def f(x):"], 20, do_sample=True, seed=3,
                            num_return_sequences=3, stop_strings=STOP_STRINGS, eos_token_id=0)
     assert len(texts[0]) == 3 and 1 <= counts["n"] <= 20
+
+
+def test_inference_precision_is_bf16_with_tf32_on_a_gpu_and_fp32_elsewhere():
+    import contextlib
+
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.model.generate import inference_precision
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+            gpu = inference_precision("cuda")  # a CPU build warns that CUDA autocast is unavailable
+        assert isinstance(gpu, torch.autocast) and gpu.device == "cuda" and gpu.fast_dtype == torch.bfloat16
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        off = inference_precision(torch.device("cuda", 0), fp32=True)
+        assert not isinstance(off, torch.autocast) and not torch.backends.cuda.matmul.allow_tf32
+        assert not isinstance(inference_precision("cpu"), torch.autocast)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    for command in (["generate", "--model", "m", "--prompt", "x"], ["humaneval", "--model", "m"],
+                    ["evaluate-loss", "--model", "m", "--dataset", "d"]):
+        assert build_parser().parse_args([*command, "--fp32"]).fp32
+        assert not build_parser().parse_args(command).fp32

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+import test_train
 import torch
 from test_train import ENV, _args, _kill_tree, _metrics
-from test_train import work as _work  # noqa: F401 -- the corpus fixture, used as `work`
 
 from minicodeparrot.training import train as T
 
@@ -45,6 +45,12 @@ def _train(work: dict, out: Path, *extra: str) -> dict[int, float]:
                        text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     return _metrics(out)[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict:
+    """test_train.py's corpus, tokenizer and 2-layer model config (dropout 0.1), built for this module."""
+    return test_train.work.__wrapped__(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
