@@ -9,6 +9,7 @@ equal the uninterrupted run's bit for bit. The helpers and the corpus fixture ar
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -82,6 +83,10 @@ def _killed_and_resumed(work: dict, out: Path, *extra: str) -> tuple[dict[int, f
 def test_switch_matches_fp32_eager_and_resumes_bitwise(work, fp32_eager, tmp_path, name):
     losses = _train(work, tmp_path / "full", *SWITCHES[name])
     assert sorted(losses) == list(range(1, STEPS + 1))
+    ran = json.loads((tmp_path / "full" / "train_args.json").read_text())
+    assert (ran["mixed_precision"] == "bf16") == ("--mixed-precision" in SWITCHES[name])
+    assert ran["gradient_checkpointing"] == ("--gradient-checkpointing" in SWITCHES[name])
+    assert ran["compile"] == ("--compile" in SWITCHES[name])
     diffs = [abs(losses[s] - fp32_eager[s]) for s in losses]
     assert max(diffs) <= TOLERANCE[name], diffs
     if name != "checkpointing":
