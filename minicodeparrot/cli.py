@@ -128,6 +128,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--full", action="store_true", help="print whole continuations, not first blocks")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--fp32", action="store_true",
+                   help="on a GPU: plain fp32 (default: bf16 autocast, TF32 matmuls); a CPU always uses fp32")
     p.set_defaults(func=_generate)
 
 
@@ -258,6 +260,8 @@ def _add_evaluate_loss(sub: argparse._SubParsersAction) -> None:
                         "per-file: each file cut alone into --seq-length chunks, tails dropped "
                         "(the course's)")
     p.add_argument("--output", help="also write the result JSON to this file")
+    p.add_argument("--fp32", action="store_true",
+                   help="on a GPU: plain fp32 (default: bf16 autocast, TF32 matmuls); a CPU always uses fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_evaluate_loss)
 
@@ -295,6 +299,8 @@ def _add_humaneval(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp32", action="store_true",
+                   help="on a GPU: plain fp32 (default: bf16 autocast, TF32 matmuls); a CPU always uses fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_humaneval)
 

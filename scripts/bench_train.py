@@ -41,7 +41,8 @@ class HFAdapter(nn.Module):
             self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, input_ids, labels=None):
-        out = self.hf(input_ids=input_ids, labels=labels)
+        # use_cache=False: training never reuses keys and values; building the cache costs time.
+        out = self.hf(input_ids=input_ids, labels=labels, use_cache=False)
         return out.logits, out.loss
 
 

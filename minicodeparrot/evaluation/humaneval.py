@@ -295,6 +295,7 @@ def generate_to_file(args: argparse.Namespace, problems: dict, out: Path) -> tup
 
     Returns (samples, what results.json records about the generation), or None on the other ranks.
     """
+    from minicodeparrot.model.generate import inference_precision
     from minicodeparrot.model.gpt import GPT
     from minicodeparrot.tokenizer.bpe import Tokenizer
 
@@ -302,8 +303,9 @@ def generate_to_file(args: argparse.Namespace, problems: dict, out: Path) -> tup
     model = GPT.from_pretrained(args.model).to(dist_info.device)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     options = {k: getattr(args, k) for k in GENERATION_OPTIONS}
-    samples, timing = generate_samples(model, tokenizer, problems, show_progress=not args.no_progress,
-                                       **options)
+    with inference_precision(dist_info.device, args.fp32):
+        samples, timing = generate_samples(model, tokenizer, problems, show_progress=not args.no_progress,
+                                           **options)
     teardown_distributed()
     if not dist_info.is_main:
         return None

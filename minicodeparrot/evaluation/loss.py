@@ -27,6 +27,7 @@ def evaluate_loss_command(args: argparse.Namespace) -> None:
 
     from minicodeparrot.data.loader import build_valid_loader
     from minicodeparrot.data.pipeline import validation_sources
+    from minicodeparrot.model.generate import inference_precision
     from minicodeparrot.model.gpt import GPT
     from minicodeparrot.tokenizer.bpe import Tokenizer
 
@@ -50,7 +51,8 @@ def evaluate_loss_command(args: argparse.Namespace) -> None:
     with loader:
         bar = tqdm(loader, total=total, desc="evaluating", unit="batch",
                    disable=args.no_progress or not dist_info.is_main)
-        result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps)
+        result = evaluate_loss(model, bar, max_eval_steps=args.max_eval_steps,
+                               autocast=inference_precision(dist_info.device, args.fp32))
     bad, dropped = loader.stats.get("bad_records"), loader.stats.get("tokens_dropped")
     result.update(model=str(args.model), seq_length=seq_length, batch_size=args.batch_size,
                   packing=args.packing, bad_records_rank0=bad, tokens_dropped_rank0=dropped)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -60,6 +61,27 @@ def _next_tokens(logits, do_sample, temperature, top_k, top_p, generator) -> tor
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+def inference_precision(device: torch.device | str, fp32: bool = False) -> AbstractContextManager:
+    """The precision `generate`, `evaluate-loss` and `humaneval` run a model in: on a GPU, bf16 autocast
+    with TF32 for the matmuls autocast leaves in fp32 (training ran that way, and both are several times
+    faster than fp32 on tensor cores); on a CPU, or with `fp32`, plain fp32 (CPU bf16 matmuls are slower
+    without AMX, and exact fp32 is what the parity checks compare). Use it as `with inference_precision(d):`.
+    """
+    if torch.device(device).type != "cuda":
+        return nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = not fp32
+    torch.backends.cudnn.allow_tf32 = not fp32
+    return nullcontext() if fp32 else torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on the device without waiting: a plain copy from pageable memory makes the host
+    wait for the GPU's queue; from pinned memory it is queued like a kernel."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def generate_continuations(
     model: torch.nn.Module,
@@ -104,7 +126,7 @@ def generate_continuations(
     model.eval()
 
     seq = input_ids.to(device).repeat_interleave(num_return_sequences, dim=0)
-    rows = torch.arange(seq.size(0), device=device)  # original row index of each still-active row
+    rows = list(range(seq.size(0)))  # original row index of each still-active row
     out: list[list[int]] = [[] for _ in range(seq.size(0))]
     cache = KVCache(model.config.n_layer, seq.size(1) + max_new_tokens) if use_cache else None
     step_input = seq
@@ -112,19 +134,25 @@ def generate_continuations(
         for _ in range(max_new_tokens):
             logits, _ = model(step_input if use_cache else seq, kv_cache=cache)
             tokens = _next_tokens(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
-            finished = torch.zeros_like(tokens, dtype=torch.bool)
-            for i, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
+            # The step's one wait for the device: the new tokens must reach the host to look for
+            # end-of-text and stop strings. Everything that follows decides on the host (lists, not tensors:
+            # `finished.any()` on a device tensor would be a second wait).
+            new = tokens.tolist()
+            finished = []
+            for row, tok in zip(rows, new, strict=True):
                 out[row].append(tok)
-                if tok == eos_token_id:
-                    finished[i] = True
-                elif stop_strings:
+                done = tok == eos_token_id
+                if not done and stop_strings:
                     text = tokenizer.decode(out[row][-tail:])
-                    finished[i] = any(s in text for s in stop_strings)
-            if finished.all():
+                    done = any(s in text for s in stop_strings)
+                finished.append(done)
+            if all(finished):
                 break
-            if finished.any():  # finished rows leave the batch
-                keep = (~finished).nonzero().squeeze(1)
-                rows, tokens, seq = rows[keep], tokens[keep], seq[keep]
+            if any(finished):  # finished rows leave the batch
+                kept = [i for i, f in enumerate(finished) if not f]
+                rows = [rows[i] for i in kept]
+                keep = _to_device(torch.tensor(kept), device)
+                tokens, seq = tokens[keep], seq[keep]
                 if cache is not None:
                     cache.reorder(keep)
             seq = torch.cat([seq, tokens[:, None]], dim=1)
@@ -235,13 +263,17 @@ def generate_command(args: argparse.Namespace, examples: dict[str, str]) -> None
     sampling = dict(do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     for name, prompt in prompts.items():
-        if args.full:
-            completions = generate_texts(model, tokenizer, [prompt], args.max_new_tokens,
-                                         num_return_sequences=args.num_return_sequences,
-                                         eos_token_id=tokenizer.eos_token_id, **sampling)[0]
-        else:
-            completions = complete_code(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                                        num_completions=args.num_return_sequences, **sampling)
+        with inference_precision(device, args.fp32):
+            completions = _complete(model, tokenizer, prompt, args, sampling)
         if args.examples:
             print(f"{'#' * 30} {name} {'#' * 30}")
         print(("\n" + "=" * 80 + "\n").join(prompt + c for c in completions))
+
+
+def _complete(model, tokenizer, prompt: str, args: argparse.Namespace, sampling: dict) -> list[str]:
+    if args.full:
+        return generate_texts(model, tokenizer, [prompt], args.max_new_tokens,
+                              num_return_sequences=args.num_return_sequences,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)[0]
+    return complete_code(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                         num_completions=args.num_return_sequences, **sampling)

@@ -275,7 +275,6 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.layer_idx = layer_idx
-        self.upcast = config.reorder_and_upcast_attn
         # GPT-2 scales scores by 1/sqrt(head size) (scale_attn_weights, always on). Mistral's
         # scale_attn_by_inverse_layer_idx divides layer i's scores by i+1 as well: deep layers' residual
         # stream grows, so their raw scores would grow too and saturate softmax in half precision.
@@ -301,21 +300,15 @@ class CausalSelfAttention(nn.Module):
                     mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         # SDPA takes dropout as an argument, not a module: it must be turned off by hand in eval mode.
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if self.upcast:
-            # reorder_and_upcast_attn: scores and softmax in fp32 even under autocast, the 1.5B run's guard
-            # against fp16/bf16 overflow of q.k. GPT2LMHeadModel (eager attention only; its SDPA path ignores
-            # the flag) applies the scale inside the fp32 q.k matmul ("reorder") and then multiplies the
-            # probabilities, cast back to v's dtype, with v; SDPA in fp32 keeps that product in fp32 too,
-            # equal within half precision.
-            with torch.autocast(x.device.type, enabled=False):
-                y = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                    scale=self.scale,
-                ).to(v.dtype)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
-            )
+        # reorder_and_upcast_attn (the 1.5B run's guard against half-precision overflow of q.k: scores and
+        # softmax in fp32) needs no code of its own: every SDPA kernel computes the scores and the softmax
+        # in fp32 from bf16/fp16 inputs (flash, memory-efficient and cuDNN accumulate in fp32 registers; the
+        # math fallback upcasts unless torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp is set), and
+        # the extra 1/layer factor is part of `scale`. Upcasting q, k, v to fp32 here instead, as
+        # GPT2LMHeadModel's eager path does, would rule out the flash kernels, which take only half precision.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.scale
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: [h0 | h1 | ...]
         return self.resid_dropout(self.c_proj(y))
 

@@ -94,8 +94,6 @@ def train(args: argparse.Namespace | TrainConfig) -> dict:
     if cfg.mixed_precision == "auto":  # the course trained in fp16 on GPUs without bf16
         cfg.mixed_precision = ("no" if not torch.cuda.is_available() else
                                "bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if cfg.data_workers is None:  # a GPU must never wait for tokenizing; a laptop has few cores to spare
         cfg.data_workers = 2 if torch.cuda.is_available() else 0
     dist_info = setup_distributed(timeout=timedelta(minutes=cfg.dist_timeout))

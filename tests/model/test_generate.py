@@ -13,6 +13,7 @@ from minicodeparrot.model.generate import (
     complete_code,
     first_block,
     generate,
+    generate_continuations,
     generate_texts,
     top_k_filter,
     top_p_filter,
@@ -304,3 +305,59 @@ def test_cli_greedy_generate_equals_transformers(trained, reference, capsys):
     main(["generate", "--model", str(d), "--prompt", prompt, "--greedy", "--max-new-tokens", "24", "--full",
           "--device", "cpu"])
     assert capsys.readouterr().out == prompt + ref_text + "\n"
+
+
+def test_generation_waits_for_the_device_once_per_token(pair, monkeypatch):
+    """Count what makes the host wait for a GPU (a value read back: .tolist(), .item(), bool(t), ...,
+    nonzero's data-dependent shape), called from the model package, while sampling with a row leaving the
+    batch and stop strings: at most one per generated token (on a CPU the calls are the same ones)."""
+    import sys
+    from pathlib import Path
+
+    import minicodeparrot.model as model_package
+
+    package = str(Path(model_package.__file__).parent)
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy",
+                 "nonzero", "any", "all"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                counts["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    model, _ = pair
+    x, free, k, eos = _prompts_with_a_row_ending_early(model)
+    counts["n"] = 0
+    out = generate_continuations(model, x, 30, eos_token_id=eos)
+    assert [len(c) for c in out] == [30, k + 1, 30]  # row 1 left the batch early: the reorder path ran
+    assert counts["n"] == 30  # one read per generated token
+    counts["n"] = 0
+    texts = generate_texts(model, CharTokenizer(), ["def f(x):"], 20, do_sample=True, seed=3,
+                           num_return_sequences=3, stop_strings=STOP_STRINGS, eos_token_id=0)
+    assert len(texts[0]) == 3 and 1 <= counts["n"] <= 20
+
+
+def test_inference_precision_is_bf16_with_tf32_on_a_gpu_and_fp32_elsewhere():
+    import contextlib
+
+    from minicodeparrot.cli import build_parser
+    from minicodeparrot.model.generate import inference_precision
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+            gpu = inference_precision("cuda")  # a CPU build warns that CUDA autocast is unavailable
+        assert isinstance(gpu, torch.autocast) and gpu.device == "cuda" and gpu.fast_dtype == torch.bfloat16
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        off = inference_precision(torch.device("cuda", 0), fp32=True)
+        assert not isinstance(off, torch.autocast) and not torch.backends.cuda.matmul.allow_tf32
+        assert not isinstance(inference_precision("cpu"), torch.autocast)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    for command in (["generate", "--model", "m", "--prompt", "x"], ["humaneval", "--model", "m"],
+                    ["evaluate-loss", "--model", "m", "--dataset", "d"]):
+        assert build_parser().parse_args([*command, "--fp32"]).fp32
+        assert not build_parser().parse_args(command).fp32

@@ -136,30 +136,58 @@ def test_layer_idx_scaling_changes_the_output():
         assert not torch.allclose(a(x)[0], b(x)[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("upcast", [True, False])
-def test_upcast_attention_under_bf16_autocast(tmp_path, monkeypatch, upcast):
-    # On CPU, bf16 SDPA accumulates in fp32 internally, so outputs cannot tell the flag's two settings
-    # apart (the difference shows on GPUs); what the flag promises is the dtype attention runs in, so
-    # record it at the call.
+def _upcast_attention(attn, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """GPT2LMHeadModel's reorder_and_upcast_attn path, written out: q, k, v from the bf16 projection, then
+    scaled scores, causal mask, softmax and the weighted sum of v all in fp32."""
+    B, T, C = x.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qkv = attn.c_attn(x)
+    q, k, v = (t.float().view(B, T, attn.n_head, -1).transpose(1, 2) for t in qkv.split(C, dim=2))
+    # GPT-2's 1/sqrt(head size), and Mistral's 1/(layer index + 1).
+    scores = (q @ k.transpose(-1, -2)) * (C // attn.n_head) ** -0.5 / (layer + 1)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).to(torch.bfloat16).transpose(1, 2).reshape(B, T, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return attn.c_proj(y)
+
+
+def test_upcast_attention_runs_in_half_precision_sdpa_with_fp32_softmax(tmp_path, monkeypatch):
+    """The 1.5B run's reorder_and_upcast_attn goes through SDPA in bf16 (so a GPU can pick flash attention)
+    with the 1/layer factor in `scale`, and still gives the fp32-softmax result within bf16 precision."""
     dtypes = []
     sdpa = F.scaled_dot_product_attention
 
     def recording_sdpa(q, k, v, **kw):
-        dtypes.append((q.dtype, k.dtype, v.dtype))
+        dtypes.append(q.dtype)
         return sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
-    # GPT2LMHeadModel honours the flag only with eager attention.
-    ref = _hf_model(reorder_and_upcast_attn=True, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **MISTRAL, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)).eval()
+    # Large scores, as a trained model's sharp attention has: a bf16 softmax would be off by ~0.1 here.
+    x = torch.randn(2, 48, SMALL["n_embd"]) * 4
+    for layer in (0, 2):  # layer 2 divides its scores by 3 as well
+        attn = model.transformer.h[layer].attn
+        with torch.no_grad():
+            attn.c_attn.weight.mul_(8)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attn(x)
+        with torch.no_grad():
+            expected = _upcast_attention(attn, x, layer)
+        assert y.dtype == expected.dtype == torch.bfloat16
+        # bf16 keeps 8 significant bits: the two differ by the rounding of the attention output only.
+        torch.testing.assert_close(y.float(), expected.float(), rtol=2**-7, atol=2e-3)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+    # The whole model against GPT2LMHeadModel with both tweaks (eager attention, the one that honours
+    # reorder_and_upcast_attn) under bf16 autocast: the same loss within bf16 precision.
+    ref = _hf_model(**MISTRAL, attn_implementation="eager")
     ref.save_pretrained(tmp_path)
-    model = GPT.from_pretrained(tmp_path, reorder_and_upcast_attn=upcast).eval()
-    x = _batch()
+    ours = GPT.from_pretrained(tmp_path).eval()
+    batch = _batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(x, labels=x)
-        ref_loss = ref(x, labels=x).loss
-    expected = torch.float32 if upcast else torch.bfloat16
-    assert dtypes == [(expected,) * 3] * SMALL["n_layer"]
-    # Same loss as the reference within bf16's precision (3 significant digits).
+        _, loss = ours(batch, labels=batch)
+        ref_loss = ref(batch, labels=batch).loss
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss, atol=0, rtol=4e-3)
 
