@@ -185,6 +185,19 @@ def remove_last_block(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> 
     return "".join(parts[:-2])
 
 
+def _samples(task_id: str, rows: list[list[int]], tokenizer) -> list[dict]:
+    """Completions as the harness makes them: decoded up to end-of-text (it decoded with
+    skip_special_tokens), then cut by `remove_last_block`; "raw" keeps the text before the cut, so why
+    a completion is empty stays visible."""
+    samples = []
+    for row in rows:
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        text = tokenizer.decode(row)
+        samples.append({"task_id": task_id, "completion": remove_last_block(text), "raw": text})
+    return samples
+
+
 def generate_samples(
     model,
     tokenizer,
@@ -237,12 +250,7 @@ def generate_samples(
                 eos_token_id=tokenizer.eos_token_id, stop_strings=STOP_STRINGS, tokenizer=tokenizer,
                 seed=seed + 100_003 * i + b,
             )
-            for row in out[:, len(ids):].tolist():
-                if tokenizer.eos_token_id in row:  # the harness decoded with skip_special_tokens
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                text = tokenizer.decode(row)
-                # "raw" keeps the text before the cut: why a completion is empty is then visible.
-                local.append({"task_id": task_id, "completion": remove_last_block(text), "raw": text})
+            local.extend(_samples(task_id, out[:, len(ids):].tolist(), tokenizer))
     seconds = time.perf_counter() - start
     if world > 1:
         gathered = all_gather_objects((local, seconds, cropped, too_long))

@@ -83,6 +83,38 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_request(model, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float,
+                   stop_strings: list[str] | None, tokenizer) -> None:
+    """One line for each request that cannot be generated."""
+    if input_ids.numel() == 0:
+        raise UserError("the prompt is empty; generation needs at least one token to condition on")
+    if do_sample and temperature <= 0:
+        raise UserError(f"temperature must be > 0 when sampling (got {temperature}); use greedy decoding")
+    if stop_strings and tokenizer is None:
+        raise UserError("stop_strings need the tokenizer to decode the continuation; pass tokenizer=")
+    n_positions = model.config.n_positions
+    if input_ids.size(1) + max_new_tokens > n_positions:
+        raise UserError(
+            f"prompt of {input_ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"n_positions={n_positions}; lower max_new_tokens or shorten the prompt"
+        )
+
+
+def _append_tokens(out: list[list[int]], rows: list[int], new: list[int], eos_token_id: int | None,
+                   stop_strings: list[str] | None, tokenizer, tail: int) -> list[bool]:
+    """Append each active row's new token; return which rows are finished (end-of-text, or a stop string
+    completed within the last `tail` tokens)."""
+    finished = []
+    for row, tok in zip(rows, new, strict=True):
+        out[row].append(tok)
+        done = tok == eos_token_id
+        if not done and stop_strings:
+            text = tokenizer.decode(out[row][-tail:])
+            done = any(s in text for s in stop_strings)
+        finished.append(done)
+    return finished
+
+
 def generate_continuations(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -102,18 +134,7 @@ def generate_continuations(
     end-of-text token or at the token that completed a stop string, if any."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if input_ids.numel() == 0:
-        raise UserError("the prompt is empty; generation needs at least one token to condition on")
-    if do_sample and temperature <= 0:
-        raise UserError(f"temperature must be > 0 when sampling (got {temperature}); use greedy decoding")
-    if stop_strings and tokenizer is None:
-        raise UserError("stop_strings need the tokenizer to decode the continuation; pass tokenizer=")
-    n_positions = model.config.n_positions
-    if input_ids.size(1) + max_new_tokens > n_positions:
-        raise UserError(
-            f"prompt of {input_ids.size(1)} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-            f"n_positions={n_positions}; lower max_new_tokens or shorten the prompt"
-        )
+    _check_request(model, input_ids, max_new_tokens, do_sample, temperature, stop_strings, tokenizer)
     device = next(model.parameters()).device
     generator = None
     if seed is not None:
@@ -137,15 +158,7 @@ def generate_continuations(
             # The step's one wait for the device: the new tokens must reach the host to look for
             # end-of-text and stop strings. Everything that follows decides on the host (lists, not tensors:
             # `finished.any()` on a device tensor would be a second wait).
-            new = tokens.tolist()
-            finished = []
-            for row, tok in zip(rows, new, strict=True):
-                out[row].append(tok)
-                done = tok == eos_token_id
-                if not done and stop_strings:
-                    text = tokenizer.decode(out[row][-tail:])
-                    done = any(s in text for s in stop_strings)
-                finished.append(done)
+            finished = _append_tokens(out, rows, tokens.tolist(), eos_token_id, stop_strings, tokenizer, tail)
             if all(finished):
                 break
             if any(finished):  # finished rows leave the batch
