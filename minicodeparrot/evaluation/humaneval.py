@@ -251,7 +251,12 @@ def generate_samples(
                 seed=seed + 100_003 * i + b,
             )
             local.extend(_samples(task_id, out[:, len(ids):].tolist(), tokenizer))
-    seconds = time.perf_counter() - start
+    return _gathered(local, time.perf_counter() - start, cropped, too_long, task_ids, world)
+
+
+def _gathered(local: list[dict], seconds: float, cropped: int, too_long: int, task_ids: list[str],
+              world: int) -> tuple[list[dict], dict]:
+    """Every rank's samples in problem order, and the stats summed over ranks (time: the slowest)."""
     if world > 1:
         gathered = all_gather_objects((local, seconds, cropped, too_long))
         local = [s for part in gathered for s in part[0]]
