@@ -220,8 +220,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[torch.Tensor], au
             with autocast:
                 # labels = the inputs themselves: the model shifts them inside (position t is scored on
                 # token t+1), as GPT2LMHeadModel does, so no shifted copy of the batch is ever made.
-                weights = sequence_weights(batch) if sequence_weights is not None else None
-                _, loss = model(batch, labels=batch, sequence_weights=weights)
+                # Only a weighted loss passes weights, so any model with GPT2LMHeadModel's call works.
+                extra = {} if sequence_weights is None else {"sequence_weights": sequence_weights(batch)}
+                _, loss = model(batch, labels=batch, **extra)
             scaler.scale(loss / k).backward()
         total += loss.detach().float()
     return total / k
