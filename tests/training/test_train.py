@@ -905,7 +905,10 @@ def test_course_preset_trains_and_pushes_every_save_through_a_failing_hub(work, 
         assert result["step"] == 6 and server.random_upload_faults > 0 and saves == [2, 4, 6]
         named = [c.removeprefix("step ").replace(" (also covers step", ",").rstrip(")") for c in commits]
         covered = sorted(int(s) for c in named for s in c.split(", "))
-        assert covered == [2, 4, 6] and commits[-1].startswith("step 6") and len(commits) >= 2, commits
+        # How many commits there are depends on timing: a save made while the previous push is still
+        # retrying is folded into the next commit ("step 6 (also covers step 2, 4)"). What must hold is
+        # that every save is named by some commit, and that the last commit is the final step's.
+        assert covered == [2, 4, 6] and commits[-1].startswith("step 6"), commits
         recorded = json.loads((out / "train_args.json").read_text())
         assert recorded["packing"] == "per-file" and recorded["keytoken_loss"]
         assert recorded["seq_length"] == 32 and recorded["gradient_accumulation_steps"] == 2
