@@ -194,6 +194,10 @@ class Loader:
         self._start_next = 0
         self._running = False
         self._staged: deque[tuple[int, torch.Tensor, dict]] = deque()  # (worker, batch, its state change)
+        # State changes of batches already taken, not yet applied to the mirrors: applying them is
+        # Python work per stream that the step need not wait for, so it runs in stage() (while the GPU
+        # computes) or when the state is asked for. At most one step's worth waits here.
+        self._taken: list[tuple[int, dict]] = []
         self._failure: UserError | None = None  # met while staging, raised when a batch is missing
 
     # -- state -------------------------------------------------------------------------------------
@@ -208,6 +212,7 @@ class Loader:
             # Staged batches are not taken yet: the mirrors do not hold their changes, and the first one's
             # worker is the one whose turn it is.
             nxt = self._staged[0][0] if self._staged else self._active[self._turn]
+            self._apply_taken()
             pipelines = [m.state_dict() for m in self._mirrors]
         return {"version": STATE_VERSION, "world_size": self.world_size, "rank": self.rank,
                 "shares": self.shares, "next": nxt, "pipelines": pipelines}
@@ -342,6 +347,7 @@ class Loader:
             return
         if not self._running:
             self._start()
+        self._apply_taken()
         try:
             while len(self._staged) < n:
                 self._staged.append(self._next_from_workers())
@@ -364,8 +370,13 @@ class Loader:
         if not self._staged:
             self._staged.append(self._next_from_workers())
         w, batch, delta = self._staged.popleft()
-        self._mirrors[w].apply(delta)
+        self._taken.append((w, delta))
         return batch
+
+    def _apply_taken(self) -> None:
+        for w, delta in self._taken:
+            self._mirrors[w].apply(delta)
+        self._taken.clear()
 
     def __iter__(self) -> Loader:
         if not self.endless and not self._running:
@@ -381,6 +392,7 @@ class Loader:
         if self._running and self.num_workers > 0:
             self._finalizer()
         self._staged.clear()  # their workers will make them again, from the state above
+        self._taken.clear()  # applied by state_dict() above when the position matters
         self._running = False
 
     def __enter__(self) -> Loader:

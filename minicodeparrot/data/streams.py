@@ -201,7 +201,11 @@ class TrainLoader:
         self.k = accumulation_steps(layout, world_size, micro_batch)
         self.streams = rank_streams(layout, rank, world_size)
         workers = min(num_workers, len(self.streams))  # a worker without a stream would idle
-        self.worker_streams = [self.streams[w::max(1, workers)] for w in range(max(1, workers))]
+        # Contiguous runs of the rank's streams: the step's rows are then just the workers' units one after
+        # the other, already in stream order (any split gives the same rows; this one costs no reordering).
+        per = -(-len(self.streams) // max(1, workers))
+        self.worker_streams = [self.streams[i:i + per] for i in range(0, len(self.streams), per)]
+        workers = min(workers, len(self.worker_streams))
         make = partial(_make_group, make_stream=make_stream, worker_streams=self.worker_streams,
                        blocks_per_stream=layout.blocks_per_stream)
         widest = len(self.worker_streams[0])  # a worker's unit: its streams' blocks of one step
@@ -214,14 +218,10 @@ class TrainLoader:
         self.stats = self.inner.stats
 
     def _next_step_rows(self) -> torch.Tensor:
-        """One step's rows of this rank in stream order, whichever workers computed them (on the device)."""
-        pieces = {}
-        m = self.layout.blocks_per_stream
-        for group in self.worker_streams:  # the inner loader hands out one unit per worker, in turn
-            unit = next(self.inner)
-            for i, s in enumerate(group):
-                pieces[s] = unit[i * m:(i + 1) * m]
-        return torch.cat([pieces[s] for s in self.streams])
+        """One step's rows of this rank in stream order (on the device): one unit per worker, in turn,
+        each its contiguous run of streams in order."""
+        units = [next(self.inner) for _ in self.worker_streams]
+        return units[0] if len(units) == 1 else torch.cat(units)
 
     def __next__(self) -> torch.Tensor:
         if not self._pending:
