@@ -17,8 +17,8 @@ streams" -- a definition that does not mention ranks. Ranks only decide who comp
 A checkpoint stores each stream's state (`Pipeline.state_dict`), not each rank's. On resume with W'
 ranks, rank r' takes the states of its streams s % W' == r' wherever they were saved, and the run goes on
 with the very same global batches: only the split over ranks and micro-batches, hence the float
-summation order, differs. Data workers within a rank split its streams again (worker w of N takes every
-N-th of the rank's streams); since rows are put back in stream order, the worker count changes nothing
+summation order, differs. Data workers within a rank split its streams again (each worker a contiguous run
+of the rank's streams); since rows stay in stream order, the worker count changes nothing
 at all: resume with any N is bit-exact.
 
 The default S is G itself (every stream gives one block per step), which allows any W' that divides G.
