@@ -469,3 +469,16 @@ def write_shards(directory: Path, texts: list[str], n_files: int, suffix: str = 
         path.write_bytes(gzip.compress(data, mtime=0) if suffix.endswith(".gz") else data)
         paths.append(path)
     return paths
+
+
+def offline_hub_env(monkeypatch, tmp_path, token: str, max_delay: float) -> None:
+    """For tests that talk to this server: no real token or cache can leak in, and retries are fast."""
+    from minicodeparrot.sources import hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy(attempts=5, base_delay=0.001, max_delay=max_delay,
+                                                       timeout=(5.0, 5.0)))

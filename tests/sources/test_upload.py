@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from clirun import save_tiny_model
-from hubserver import HubServer
+from hubserver import HubServer, offline_hub_env
 
 from minicodeparrot import cli
 from minicodeparrot.model.gpt import GPT
@@ -30,14 +30,7 @@ METRICS = '{"step": 10, "loss": 7.5}\n'
 
 @pytest.fixture(autouse=True)
 def offline_env(tmp_path: Path, monkeypatch) -> None:
-    """No real token or cache can leak in; retries are fast."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy(attempts=5, base_delay=0.001, max_delay=1.0,
-                                                       timeout=(5.0, 5.0)))
+    offline_hub_env(monkeypatch, tmp_path, TOKEN, max_delay=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubserver import HubServer
+from hubserver import HubServer, offline_hub_env
 
 from minicodeparrot.model.gpt import GPT, GPTConfig
 from minicodeparrot.sources import hub
@@ -26,13 +26,7 @@ TOKEN = "hf_write123"
 
 @pytest.fixture(autouse=True)
 def offline_env(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(hub, "RETRY", hub.RetryPolicy(attempts=5, base_delay=0.001, max_delay=0.01,
-                                                       timeout=(5.0, 5.0)))
+    offline_hub_env(monkeypatch, tmp_path, TOKEN, max_delay=0.01)
 
 
 @pytest.fixture
